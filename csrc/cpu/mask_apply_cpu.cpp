@@ -1,0 +1,48 @@
+// mask_apply_ on CPU: weight[i] = mask[i] ? weight[i] : 0, in place.
+// One streaming pass, O(numel), split over threads in contiguous chunks.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../sparsemom.h"
+#include "cpu_isa.h"
+
+namespace sparsemom {
+namespace {
+
+template <typename scalar_t>
+struct MaskApplyArgs {
+  using value_type = scalar_t;
+  scalar_t* __restrict__ weight;
+  const bool* __restrict__ mask;
+};
+
+template <typename Args>
+inline __attribute__((always_inline)) void mask_apply_range(const Args& a, int64_t begin,
+                                                            int64_t end) {
+  using scalar_t = typename Args::value_type;
+  for (int64_t i = begin; i < end; ++i) a.weight[i] = a.mask[i] ? a.weight[i] : scalar_t(0);
+}
+SPARSEMOM_DEFINE_ISA_VARIANTS(mask_apply_range)
+
+constexpr int64_t kGrainSize = 1 << 15;
+
+void mask_apply_cpu(const at::Tensor& weight, const at::Tensor& mask) {
+  check_mask_apply_args(weight, mask);
+  const at::Tensor work = weight.contiguous();
+  const at::Tensor mask_c = mask.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "mask_apply_cpu", [&] {
+    using Args = MaskApplyArgs<scalar_t>;
+    const Args args{work.data_ptr<scalar_t>(), mask_c.data_ptr<bool>()};
+    const auto range = pick_mask_apply_range<Args>();
+    at::parallel_for(0, work.numel(), kGrainSize,
+                     [&](int64_t begin, int64_t end) { range(args, begin, end); });
+  });
+  write_back(weight, work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsemom, CPU, m) { m.impl("mask_apply_", &mask_apply_cpu); }
+
+}  // namespace sparsemom

@@ -1,0 +1,79 @@
+// Every operator schema of the `sparsemom` namespace, in one place. Backend
+// files (cpu/*.cpp, cuda/*.cu) only add implementations with
+// TORCH_LIBRARY_IMPL; the dispatcher picks the one for the tensors' device.
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <sstream>
+#include <string>
+
+#include "cpu/cpu_isa.h"
+
+#ifdef SPARSEMOM_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+// Two-level stringify so that a -D value given without quotes (archs
+// "sm_80,sm_90" contain commas) becomes a string literal.
+#define SPARSEMOM_STR_IMPL(...) #__VA_ARGS__
+#define SPARSEMOM_STR(...) SPARSEMOM_STR_IMPL(__VA_ARGS__)
+
+namespace sparsemom {
+namespace {
+
+// CUDA runtime version the kernels were compiled against (e.g. 13000), 0 in a
+// CPU-only build.
+int64_t cuda_version() {
+#ifdef SPARSEMOM_WITH_CUDA
+  return CUDART_VERSION;
+#else
+  return 0;
+#endif
+}
+
+// How this binary was built and what it runs with, as JSON.
+std::string build_info() {
+#ifdef SPARSEMOM_CUDA_ARCHS
+  const char* archs = SPARSEMOM_STR(SPARSEMOM_CUDA_ARCHS);
+#else
+  const char* archs = "";
+#endif
+  std::ostringstream json;
+  json << "{\"torch_version\": \"" << TORCH_VERSION << "\", "
+       << "\"cuda_version\": " << cuda_version() << ", "
+       << "\"cuda_archs\": \"" << archs << "\", "
+       << "\"cpu_isa\": \"" << cpu::isa_name(cpu::active_isa()) << "\", "
+       << "\"cpu_isa_detected\": \"" << cpu::isa_name(cpu::detected_isa()) << "\", "
+#ifdef _OPENMP
+       << "\"openmp\": true, "
+#else
+       << "\"openmp\": false, "
+#endif
+#if defined(__clang__)
+       << "\"compiler\": \"clang " << __clang_major__ << "." << __clang_minor__ << "\"}";
+#elif defined(__GNUC__)
+       << "\"compiler\": \"gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "\"}";
+#else
+       << "\"compiler\": \"unknown\"}";
+#endif
+  return json.str();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparsemom, m) {
+  m.def("mask_apply_(Tensor(a!) weight, Tensor mask) -> ()");
+  m.def(
+      "fused_sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
+      "Tensor? mask, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool init_momentum_buffer) -> ()");
+  m.def(
+      "fused_adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor? mask, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool maximize, int step) -> ()");
+  m.def("cuda_version() -> int", &cuda_version);
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace sparsemom

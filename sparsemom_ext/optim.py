@@ -1,0 +1,162 @@
+"""Drop-in optimizers whose step is fused with the mask of sparse parameters.
+
+``sparsemom_ext.optim.SGD``, ``Adam`` and ``AdamW`` subclass the torch.optim classes
+with the same constructor arguments and the same ``state_dict`` format. A parameter
+that carries a mask (:func:`sparsemom_ext.attach_mask`) is updated by one fused
+kernel (optimizer arithmetic + mask, one pass over memory); every other parameter
+goes through the parent class's step unchanged. Swapping the import is all a user
+does::
+
+    from sparsemom_ext.optim import SGD   # instead of torch.optim.SGD
+
+The momentum of inactive positions keeps being updated (sparse momentum grows from
+it); the weights of inactive positions are exactly zero after every step.
+
+Parameters whose group uses ``capturable``, ``differentiable`` or ``fused=True``,
+with a sparse gradient, or of a dtype the kernels do not handle (complex), take the
+parent's step followed by a masked fill: same result, not fused.
+"""
+
+import torch
+
+from . import ops
+from .sparsity import mask_of
+
+__all__ = ["SGD", "Adam", "AdamW"]
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _parent_step(cls):
+    """``cls.step`` without torch's hook wrapper.
+
+    torch.optim wraps ``step`` of each optimizer class it instantiates to run the
+    step pre/post hooks; our own ``step`` is wrapped the same way, so calling a
+    wrapped parent step from it would run the user's hooks twice.
+    """
+    step = cls.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
+class _MaskedStepMixin:
+    """Shared step logic: split masked parameters off, fuse their update."""
+
+    _parent_cls: type
+
+    def _fusable(self, group, p) -> bool:
+        return (
+            p.dtype in _FUSED_DTYPES
+            and not p.grad.is_sparse
+            and not group.get("capturable", False)
+            and not group.get("differentiable", False)
+            and not group.get("fused", False)
+        )
+
+    def _masked_params(self):
+        """[(group, param, mask, fusable)] for params with a gradient and a mask.
+
+        Every mask is validated here, before any parameter is touched, so a bad
+        mask leaves the whole model and the optimizer state as they were.
+        """
+        found = []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                mask = mask_of(p)
+                if p.grad is None or mask is None:
+                    continue
+                if mask.dtype != torch.bool or mask.shape != p.shape or mask.device != p.device:
+                    raise ValueError(
+                        f"the mask attached to a parameter of param_groups[{index}] must be a bool "
+                        f"tensor of shape {tuple(p.shape)} on {p.device}, got {mask.dtype} "
+                        f"{tuple(mask.shape)} on {mask.device}; re-attach it with "
+                        "sparsemom_ext.attach_mask after moving the model"
+                    )
+                found.append((group, p, mask, self._fusable(group, p)))
+        return found
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` as in torch.optim."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        masked = self._masked_params()
+        fused = [(group, p, mask) for group, p, mask, fusable in masked if fusable]
+        # The parent's step skips parameters without a gradient: hide the fused
+        # ones from it, and restore their gradients whatever happens.
+        hidden = [(p, p.grad) for _, p, _ in fused]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            _parent_step(self._parent_cls)(self)
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        for _, p, mask, fusable in masked:
+            if not fusable:
+                p.masked_fill_(~mask, 0)
+        for group, p, mask in fused:
+            self._fused_update(group, p, mask)
+        return loss
+
+
+class SGD(_MaskedStepMixin, torch.optim.SGD):
+    """``torch.optim.SGD`` with the step of masked parameters fused with their mask."""
+
+    _parent_cls = torch.optim.SGD
+
+    def _fused_update(self, group, p, mask):
+        momentum = group["momentum"]
+        state = self.state[p]
+        buf = None
+        fresh = False
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                fresh = True
+        ops.fused_sgd_step_(
+            p, p.grad, buf, mask,
+            lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            maximize=group["maximize"], init_momentum_buffer=fresh,
+        )
+        if fresh:
+            state["momentum_buffer"] = buf
+
+
+class Adam(_MaskedStepMixin, torch.optim.Adam):
+    """``torch.optim.Adam`` with the step of masked parameters fused with their mask."""
+
+    _parent_cls = torch.optim.Adam
+    _decoupled = False
+
+    def _fused_update(self, group, p, mask):
+        state = self.state[p]
+        if len(state) == 0:
+            # The layout torch.optim.Adam creates (non-capturable), so state_dicts
+            # load into either class.
+            scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", self._decoupled)
+        ops.fused_adam_step_(
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+            state.get("max_exp_avg_sq") if group["amsgrad"] else None, mask,
+            step=int(state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
+            beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=decoupled, maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with the step of masked parameters fused with their mask."""
+
+    _parent_cls = torch.optim.AdamW
+    _decoupled = True
