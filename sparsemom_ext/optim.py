@@ -108,11 +108,10 @@ class SGD(_MaskedStepMixin, torch.optim.SGD):
 
     def _fused_update(self, group, p, mask):
         momentum = group["momentum"]
-        state = self.state[p]
         buf = None
         fresh = False
-        if momentum != 0:
-            buf = state.get("momentum_buffer")
+        if momentum != 0:  # torch.optim.SGD keeps no state without momentum
+            buf = self.state[p].get("momentum_buffer")
             if buf is None:
                 buf = torch.empty_like(p, memory_format=torch.preserve_format)
                 fresh = True
@@ -123,7 +122,7 @@ class SGD(_MaskedStepMixin, torch.optim.SGD):
             maximize=group["maximize"], init_momentum_buffer=fresh,
         )
         if fresh:
-            state["momentum_buffer"] = buf
+            self.state[p]["momentum_buffer"] = buf
 
 
 class Adam(_MaskedStepMixin, torch.optim.Adam):

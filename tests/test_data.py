@@ -1,22 +1,13 @@
 """Tests for the packaged MNIST copy and the numpy-only IDX loader."""
 
 import gzip
-import importlib.util
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:
-    from sparsemom_ext.data import idx
-except ImportError:
-    # sparsemom_ext/__init__.py may import the compiled extension; the loader
-    # itself needs only numpy, so test it even when the extension isn't built.
-    _IDX_PY = Path(__file__).resolve().parents[1] / "sparsemom_ext" / "data" / "idx.py"
-    _spec = importlib.util.spec_from_file_location("_sparsemom_idx", _IDX_PY)
-    idx = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(idx)
+from sparsemom_ext.data import idx
 
 
 # Written independently of the loader (explicit big-endian via struct/numpy)

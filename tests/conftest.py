@@ -1,0 +1,53 @@
+"""Shared test tables: devices, dtypes, shapes and tolerances."""
+
+import pytest
+import torch
+
+import sparsemom_ext  # noqa: F401  (registers torch.ops.sparsemom)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Shapes every elementwise op is checked on: empty, one element, odd sizes that
+# leave vector-loop tails, a 4-d conv-like weight, and one large enough to be
+# split over threads (> 32768 elements).
+SHAPES = [(0,), (1,), (7,), (33, 65), (4, 3, 3, 3), (300, 257)]
+
+MASK_KINDS = ["random", "all_active", "all_inactive"]
+
+
+def make_mask(shape, kind, device, generator=None):
+    if kind == "all_active":
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if kind == "all_inactive":
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    return (torch.rand(shape, generator=generator) < 0.3).to(device)
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous tensor with the values and shape of ``t`` (a strided view)."""
+    big = torch.zeros(t.shape + (2,), dtype=t.dtype, device=t.device)
+    big[..., 0] = t
+    view = big[..., 0]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+def tolerances(dtype):
+    """assert_close tolerances of a kernel vs the reference for ``dtype``.
+
+    Both compute in the same opmath precision; they can differ where torch's own
+    ops (used by the reference) contract a multiply-add into an FMA, by about one
+    rounding of the storage dtype.
+    """
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-6),
+        torch.float16: dict(rtol=2e-3, atol=1e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    }[dtype]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
