@@ -114,10 +114,15 @@ def cuda_arch_tokens(arch_list):
 def extensions():
     with_cuda, cuda_home = decide_cuda()
     if with_cuda:
-        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        # torch.utils.cpp_extension reads CUDA_HOME once, when it is imported;
+        # set its module global too in case something imported it earlier.
         os.environ["CUDA_HOME"] = cuda_home
     import torch
+    import torch.utils.cpp_extension as cpp_extension
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home
 
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
@@ -148,13 +153,16 @@ def extensions():
     print(f"sparsemom_ext: building with CUDA kernels, CUDA_HOME={cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={arch_list}")
     sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
-    macros += [("SPARSEMOM_WITH_CUDA", None), ("SPARSEMOM_CUDA_ARCHS", cuda_arch_tokens(arch_list))]
+    macros.append(("SPARSEMOM_WITH_CUDA", None))
+    # For registration.cpp only: nvcc would split a -D value at its commas.
+    cxx.append(f"-DSPARSEMOM_CUDA_ARCHS={cuda_arch_tokens(arch_list)}")
     nvcc = ["-O3", "--fmad=false"]
     return [CUDAExtension("sparsemom_ext._C", sources, define_macros=macros,
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags)]
 
 
 def main():
+    ext_modules = extensions()  # first: it sets CUDA_HOME before cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
@@ -169,7 +177,7 @@ def main():
         package_data={"sparsemom_ext": ["data/mnist/*.gz", "data/mnist/README.md"]},
         install_requires=["torch>=2.4", "numpy"],
         extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
-        ext_modules=extensions(),
+        ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,
     )

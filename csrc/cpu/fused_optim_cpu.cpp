@@ -19,56 +19,81 @@ constexpr int64_t kGrainSize = 1 << 15;
 
 template <typename scalar_t>
 struct SgdArgs {
+  using value_type = scalar_t;
   using opmath_t = at::opmath_type<scalar_t>;
-  scalar_t* __restrict__ param;
-  const scalar_t* __restrict__ grad;
-  scalar_t* __restrict__ buf;    // nullptr: no momentum
-  const bool* __restrict__ mask;  // nullptr: every position active
+  scalar_t* param;
+  const scalar_t* grad;
+  scalar_t* buf;    // nullptr: no momentum
+  const bool* mask;  // nullptr: every position active
   SgdCoeffs<opmath_t> coeffs;
 };
 
+// The optional arguments become template flags so each loop is branch-free;
+// pointers are copied into __restrict__ locals (GCC ignores restrict on struct
+// members) and ivdep tells the vectoriser the arrays do not overlap, which the
+// run-time alias checks it would otherwise emit for 5-6 arrays give up on.
+template <bool kHasBuf, bool kHasMask, typename Args>
+inline __attribute__((always_inline)) void sgd_loop(const Args& a, int64_t begin, int64_t end) {
+  using scalar_t = typename Args::value_type;
+  scalar_t* __restrict__ param = a.param;
+  const scalar_t* __restrict__ grad = a.grad;
+  scalar_t* __restrict__ buf = a.buf;
+  const bool* __restrict__ mask = a.mask;
+  const auto coeffs = a.coeffs;
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    param[i] = sgd_element(param[i], grad[i], kHasBuf ? buf + i : nullptr,
+                           kHasMask ? mask[i] : true, coeffs);
+  }
+}
+
 template <typename Args>
 inline __attribute__((always_inline)) void sgd_range(const Args& a, int64_t begin, int64_t end) {
-  // Hoisting the null checks gives the vectoriser branch-free loops.
-  if (a.buf != nullptr && a.mask != nullptr) {
-    for (int64_t i = begin; i < end; ++i)
-      a.param[i] = sgd_element(a.param[i], a.grad[i], a.buf + i, a.mask[i], a.coeffs);
-  } else if (a.buf != nullptr) {
-    for (int64_t i = begin; i < end; ++i)
-      a.param[i] = sgd_element(a.param[i], a.grad[i], a.buf + i, true, a.coeffs);
-  } else if (a.mask != nullptr) {
-    for (int64_t i = begin; i < end; ++i)
-      a.param[i] = sgd_element(a.param[i], a.grad[i], a.buf, a.mask[i], a.coeffs);
+  if (a.buf != nullptr) {
+    a.mask != nullptr ? sgd_loop<true, true>(a, begin, end) : sgd_loop<true, false>(a, begin, end);
   } else {
-    for (int64_t i = begin; i < end; ++i)
-      a.param[i] = sgd_element(a.param[i], a.grad[i], a.buf, true, a.coeffs);
+    a.mask != nullptr ? sgd_loop<false, true>(a, begin, end) : sgd_loop<false, false>(a, begin, end);
   }
 }
 SPARSEMOM_DEFINE_ISA_VARIANTS(sgd_range)
 
 template <typename scalar_t>
 struct AdamArgs {
+  using value_type = scalar_t;
   using opmath_t = at::opmath_type<scalar_t>;
-  scalar_t* __restrict__ param;
-  const scalar_t* __restrict__ grad;
-  scalar_t* __restrict__ exp_avg;
-  scalar_t* __restrict__ exp_avg_sq;
-  scalar_t* __restrict__ max_exp_avg_sq;  // nullptr: no amsgrad
-  const bool* __restrict__ mask;          // nullptr: every position active
+  scalar_t* param;
+  const scalar_t* grad;
+  scalar_t* exp_avg;
+  scalar_t* exp_avg_sq;
+  scalar_t* max_exp_avg_sq;  // nullptr: no amsgrad
+  const bool* mask;          // nullptr: every position active
   AdamCoeffs<opmath_t> coeffs;
 };
 
+template <bool kAmsgrad, bool kHasMask, typename Args>
+inline __attribute__((always_inline)) void adam_loop(const Args& a, int64_t begin, int64_t end) {
+  using scalar_t = typename Args::value_type;
+  scalar_t* __restrict__ param = a.param;
+  const scalar_t* __restrict__ grad = a.grad;
+  scalar_t* __restrict__ exp_avg = a.exp_avg;
+  scalar_t* __restrict__ exp_avg_sq = a.exp_avg_sq;
+  scalar_t* __restrict__ max_exp_avg_sq = a.max_exp_avg_sq;
+  const bool* __restrict__ mask = a.mask;
+  const auto coeffs = a.coeffs;
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    param[i] = adam_element(param[i], grad[i], exp_avg + i, exp_avg_sq + i,
+                            kAmsgrad ? max_exp_avg_sq + i : nullptr, kHasMask ? mask[i] : true,
+                            coeffs);
+  }
+}
+
 template <typename Args>
 inline __attribute__((always_inline)) void adam_range(const Args& a, int64_t begin, int64_t end) {
-  if (a.max_exp_avg_sq == nullptr && a.mask != nullptr) {
-    for (int64_t i = begin; i < end; ++i)
-      a.param[i] = adam_element(a.param[i], a.grad[i], a.exp_avg + i, a.exp_avg_sq + i,
-                                a.max_exp_avg_sq, a.mask[i], a.coeffs);
+  if (a.max_exp_avg_sq != nullptr) {
+    a.mask != nullptr ? adam_loop<true, true>(a, begin, end) : adam_loop<true, false>(a, begin, end);
   } else {
-    for (int64_t i = begin; i < end; ++i)
-      a.param[i] = adam_element(a.param[i], a.grad[i], a.exp_avg + i, a.exp_avg_sq + i,
-                                a.max_exp_avg_sq ? a.max_exp_avg_sq + i : nullptr,
-                                a.mask ? a.mask[i] : true, a.coeffs);
+    a.mask != nullptr ? adam_loop<false, true>(a, begin, end) : adam_loop<false, false>(a, begin, end);
   }
 }
 SPARSEMOM_DEFINE_ISA_VARIANTS(adam_range)

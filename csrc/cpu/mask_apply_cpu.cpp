@@ -4,24 +4,39 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "../sparsemom.h"
 #include "cpu_isa.h"
 
 namespace sparsemom {
 namespace {
 
+// The weight is processed as unsigned integers of its width: AND-ing with an
+// all-ones/all-zeros word gives +0 at inactive positions branch-free, which
+// vectorises; a `mask ? w : 0` loop compiles to a branch per element that
+// mispredicts on random masks.
+template <size_t kBytes>
+struct UnsignedOfSize;
+template <>
+struct UnsignedOfSize<2> { using type = uint16_t; };
+template <>
+struct UnsignedOfSize<4> { using type = uint32_t; };
+template <>
+struct UnsignedOfSize<8> { using type = uint64_t; };
+
 template <typename scalar_t>
 struct MaskApplyArgs {
-  using value_type = scalar_t;
-  scalar_t* __restrict__ weight;
+  using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
+  bits_t* __restrict__ weight;
   const bool* __restrict__ mask;
 };
 
 template <typename Args>
 inline __attribute__((always_inline)) void mask_apply_range(const Args& a, int64_t begin,
                                                             int64_t end) {
-  using scalar_t = typename Args::value_type;
-  for (int64_t i = begin; i < end; ++i) a.weight[i] = a.mask[i] ? a.weight[i] : scalar_t(0);
+  using bits_t = typename Args::bits_t;
+  for (int64_t i = begin; i < end; ++i) a.weight[i] &= -static_cast<bits_t>(a.mask[i]);
 }
 SPARSEMOM_DEFINE_ISA_VARIANTS(mask_apply_range)
 
@@ -33,7 +48,8 @@ void mask_apply_cpu(const at::Tensor& weight, const at::Tensor& mask) {
   const at::Tensor mask_c = mask.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "mask_apply_cpu", [&] {
     using Args = MaskApplyArgs<scalar_t>;
-    const Args args{work.data_ptr<scalar_t>(), mask_c.data_ptr<bool>()};
+    const Args args{reinterpret_cast<typename Args::bits_t*>(work.data_ptr<scalar_t>()),
+                    mask_c.data_ptr<bool>()};
     const auto range = pick_mask_apply_range<Args>();
     at::parallel_for(0, work.numel(), kGrainSize,
                      [&](int64_t begin, int64_t end) { range(args, begin, end); });

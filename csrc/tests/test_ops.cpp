@@ -1,0 +1,434 @@
+// C++ test of the sparsemom operators, without Python and without a test
+// framework: it calls every operator through the c10 dispatcher, as any C++
+// user of libsparsemom would, and checks the results against the same
+// arithmetic written with plain ATen operations. Built by CMakeLists.txt as
+// `sparsemom_cpp_test` and run by ctest; exits non-zero when a check fails.
+//
+// The operators are found only if libsparsemom was loaded (its TORCH_LIBRARY
+// registrations are static initializers), so the first check is that every
+// schema is there.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_isa.h"
+
+namespace {
+
+int g_passed = 0;
+int g_failed = 0;
+std::string g_case;  // name of the running test case, for failure messages
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::cerr << "FAILED [" << g_case << "] " << what << "\n";
+  }
+}
+
+// Runs one test case; an unexpected exception is one failure, not a crash.
+void run_case(const std::string& name, const std::function<void()>& body) {
+  g_case = name;
+  const int failed_before = g_failed;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    ++g_failed;
+    std::cerr << "FAILED [" << name << "] unexpected exception: " << e.what() << "\n";
+  }
+  std::cout << (g_failed == failed_before ? "ok      " : "FAILED  ") << name << "\n";
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+// `actual` must be close to `expected` (torch.testing-style rtol/atol).
+void check_close(const at::Tensor& actual, const at::Tensor& expected, const std::string& what,
+                 double rtol, double atol) {
+  if (actual.sizes() != expected.sizes() || actual.scalar_type() != expected.scalar_type()) {
+    std::ostringstream msg;
+    msg << what << ": got shape " << actual.sizes() << " " << actual.scalar_type()
+        << ", expected " << expected.sizes() << " " << expected.scalar_type();
+    check(false, msg.str());
+    return;
+  }
+  const bool ok = at::allclose(actual, expected, rtol, atol);
+  std::ostringstream msg;
+  msg << what << ": max |actual - expected| = " << max_abs_diff(actual, expected)
+      << " (rtol " << rtol << ", atol " << atol << ")";
+  check(ok, msg.str());
+}
+
+void check_equal(const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
+  const bool ok = actual.sizes() == expected.sizes() &&
+                  actual.scalar_type() == expected.scalar_type() && at::equal(actual, expected);
+  std::ostringstream msg;
+  msg << what << ": not bit-equal";
+  if (actual.sizes() == expected.sizes()) msg << ", max |diff| = " << max_abs_diff(actual, expected);
+  check(ok, msg.str());
+}
+
+// Tolerances for comparing a fused kernel with the unfused ATen formula: the
+// rounding steps are the same, but ATen may contract or reorder differently.
+double rtol_for(at::ScalarType t) { return t == at::kDouble ? 1e-12 : 1e-5; }
+double atol_for(at::ScalarType t) { return t == at::kDouble ? 1e-14 : 1e-6; }
+
+// ---- the operators, through the dispatcher, with the kernels' C++ signatures ----
+
+using OptTensor = std::optional<at::Tensor>;
+
+c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+void mask_apply_(const at::Tensor& weight, const at::Tensor& mask) {
+  static auto handle =
+      op("sparsemom::mask_apply_").typed<void(const at::Tensor&, const at::Tensor&)>();
+  handle.call(weight, mask);
+}
+
+void fused_sgd_step_(const at::Tensor& param, const at::Tensor& grad, const OptTensor& buf,
+                     const OptTensor& mask, double lr, double momentum, double dampening,
+                     double weight_decay, bool nesterov, bool maximize, bool init_buf) {
+  static auto handle =
+      op("sparsemom::fused_sgd_step_")
+          .typed<void(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                      double, double, double, double, bool, bool, bool)>();
+  handle.call(param, grad, buf, mask, lr, momentum, dampening, weight_decay, nesterov, maximize,
+              init_buf);
+}
+
+void fused_adam_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_sq, const OptTensor& max_exp_avg_sq,
+                      const OptTensor& mask, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled, bool maximize, int64_t step) {
+  static auto handle =
+      op("sparsemom::fused_adam_step_")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const OptTensor&, const OptTensor&, double, double, double, double, double,
+                      bool, bool, int64_t)>();
+  handle.call(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, mask, lr, beta1, beta2, eps,
+              weight_decay, decoupled, maximize, step);
+}
+
+int64_t cuda_version() {
+  static auto handle = op("sparsemom::cuda_version").typed<int64_t()>();
+  return handle.call();
+}
+
+std::string build_info() {
+  static auto handle = op("sparsemom::build_info").typed<std::string()>();
+  return handle.call();
+}
+
+// Calls `fn`, which must throw a c10::Error whose message names `word`;
+// returns the message ("" when nothing was thrown).
+template <typename Fn>
+std::string expect_error(Fn fn, const std::string& word, const std::string& what) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    check(message.find(word) != std::string::npos,
+          what + ": error message should name '" + word + "', got: " + message);
+    return message;
+  } catch (const std::exception& e) {
+    check(false, what + ": expected c10::Error, got another exception: " + e.what());
+    return e.what();
+  }
+  check(false, what + ": expected c10::Error, nothing was thrown");
+  return "";
+}
+
+// ---- references, with plain ATen ops (one rounding per op, no alpha= FMA) ----
+
+at::Tensor where_mask(const at::Tensor& mask, const at::Tensor& value) {
+  return at::where(mask, value, at::zeros_like(value));
+}
+
+// torch.optim.SGD, one step (dampening 0). Updates buf in place, returns new param.
+at::Tensor sgd_reference(at::Tensor p, at::Tensor g, at::Tensor& buf, const OptTensor& mask,
+                         double lr, double momentum, double wd, bool nesterov, bool init_buf) {
+  if (wd != 0.0) g = g + p * wd;
+  if (momentum != 0.0) {
+    buf = init_buf ? g.clone() : buf * momentum + g;
+    g = nesterov ? g + buf * momentum : buf;
+  }
+  p = p - g * lr;
+  return mask.has_value() ? where_mask(*mask, p) : p;
+}
+
+struct AdamState {
+  at::Tensor exp_avg, exp_avg_sq, max_exp_avg_sq;
+};
+
+// torch.optim.Adam / AdamW, one step. Updates `s`, returns the new param.
+at::Tensor adam_reference(at::Tensor p, at::Tensor g, AdamState& s, const OptTensor& mask,
+                          double lr, double beta1, double beta2, double eps, double wd,
+                          bool decoupled, bool amsgrad, int64_t step) {
+  if (decoupled) {
+    p = p * (1.0 - lr * wd);
+  } else if (wd != 0.0) {
+    g = g + p * wd;
+  }
+  s.exp_avg = s.exp_avg + (g - s.exp_avg) * (1.0 - beta1);  // lerp with weight < 0.5
+  // addcmul_(grad, grad, value) computes value * grad * grad, left to right.
+  s.exp_avg_sq = s.exp_avg_sq * beta2 + g * (1.0 - beta2) * g;
+  at::Tensor second = s.exp_avg_sq;
+  if (amsgrad) {
+    s.max_exp_avg_sq = at::maximum(s.max_exp_avg_sq, s.exp_avg_sq);
+    second = s.max_exp_avg_sq;
+  }
+  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const at::Tensor denom = second.sqrt() / std::sqrt(bias_correction2) + eps;
+  p = p - s.exp_avg / denom * (lr / bias_correction1);
+  return mask.has_value() ? where_mask(*mask, p) : p;
+}
+
+// ---- test cases ----
+
+void test_schemas() {
+  for (const char* name : {"sparsemom::mask_apply_", "sparsemom::fused_sgd_step_",
+                           "sparsemom::fused_adam_step_", "sparsemom::cuda_version",
+                           "sparsemom::build_info"}) {
+    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+    check(handle.has_value(), std::string("schema ") + name + " is registered (library loaded?)");
+  }
+  const auto mask_op = op("sparsemom::mask_apply_");
+  check(mask_op.hasKernelForDispatchKey(c10::DispatchKey::CPU), "mask_apply_ has a CPU kernel");
+  check(op("sparsemom::fused_sgd_step_").hasKernelForDispatchKey(c10::DispatchKey::CPU),
+        "fused_sgd_step_ has a CPU kernel");
+  check(op("sparsemom::fused_adam_step_").hasKernelForDispatchKey(c10::DispatchKey::CPU),
+        "fused_adam_step_ has a CPU kernel");
+}
+
+void test_build_info() {
+  const std::string info = build_info();
+  check(info.find("\"torch_version\"") != std::string::npos,
+        "build_info() contains \"torch_version\", got: " + info);
+  // This also makes the test reference a symbol of libsparsemom directly.
+  const std::string isa = sparsemom::cpu::isa_name(sparsemom::cpu::active_isa());
+  check(info.find("\"cpu_isa\": \"" + isa + "\"") != std::string::npos,
+        "build_info() reports cpu_isa " + isa + ", got: " + info);
+  const char* cap = std::getenv("SPARSEMOM_CPU_ISA");
+  if (cap != nullptr && std::string(cap) == "default") {
+    check(sparsemom::cpu::active_isa() == sparsemom::cpu::Isa::kDefault,
+          "SPARSEMOM_CPU_ISA=default selects the default kernels");
+  }
+#ifdef SPARSEMOM_WITH_CUDA
+  check(cuda_version() > 0, "cuda_version() > 0 in a CUDA build");
+#else
+  check(cuda_version() == 0, "cuda_version() == 0 in a CPU-only build, got " +
+                                 std::to_string(cuda_version()));
+#endif
+  // The boxed path (what TorchScript and torch.ops use) gives the same string.
+  torch::jit::Stack stack;
+  op("sparsemom::build_info").callBoxed(&stack);
+  check(stack.size() == 1 && stack[0].isString() && stack[0].toStringRef() == info,
+        "build_info() called boxed returns the same string");
+  std::cout << "        build_info: " << info << "\n";
+}
+
+void test_mask_apply(const at::TensorOptions& opts, int64_t n, bool non_contiguous) {
+  // Non-contiguous weight: the transpose of a (n/8, 8) matrix, updated through a copy.
+  at::Tensor weight = non_contiguous ? at::randn({8, n / 8}, opts).t() : at::randn({n}, opts);
+  const at::Tensor mask = at::rand(weight.sizes(), opts.dtype(at::kFloat)) < 0.3;
+  const at::Tensor before = weight.clone();
+  mask_apply_(weight, mask);
+  check_equal(weight, where_mask(mask, before), "weight == where(mask, weight, 0)");
+  check(at::equal(weight.masked_select(mask), before.masked_select(mask)),
+        "active entries unchanged");
+  check(weight.masked_select(mask.logical_not()).eq(0).all().item<bool>(),
+        "inactive entries are zero");
+
+  // A non-contiguous mask (a transposed view) is read correctly too.
+  at::Tensor w2 = at::randn({64, 48}, opts);
+  const at::Tensor m2 = (at::rand({48, 64}, opts.dtype(at::kFloat)) < 0.5).t();
+  const at::Tensor w2_before = w2.clone();
+  mask_apply_(w2, m2);
+  check_equal(w2, where_mask(m2, w2_before), "non-contiguous mask");
+}
+
+void test_mask_apply_dtypes(const at::TensorOptions& opts) {
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    at::Tensor w = at::randn({1000}, opts.dtype(dtype));
+    const at::Tensor mask = at::rand({1000}, opts.dtype(at::kFloat)) < 0.5;
+    const at::Tensor before = w.clone();
+    mask_apply_(w, mask);
+    check_equal(w, where_mask(mask, before), std::string("mask_apply_ ") + c10::toString(dtype));
+  }
+}
+
+void test_sgd(const at::TensorOptions& opts, int64_t n, bool init_buf) {
+  const double lr = 0.1, momentum = 0.9, wd = 1e-2;
+  at::Tensor param = at::randn({n}, opts);
+  const at::Tensor grad = at::randn({n}, opts);
+  at::Tensor buf = init_buf ? at::empty({n}, opts).fill_(12345.0) : at::randn({n}, opts);
+  const at::Tensor mask = at::rand({n}, opts.dtype(at::kFloat)) < 0.5;
+
+  at::Tensor ref_buf = buf.clone();
+  const at::Tensor ref_param = sgd_reference(param.clone(), grad, ref_buf, mask, lr, momentum, wd,
+                                             /*nesterov=*/true, init_buf);
+  fused_sgd_step_(param, grad, buf, mask, lr, momentum, /*dampening=*/0.0, wd,
+                  /*nesterov=*/true, /*maximize=*/false, init_buf);
+  const auto t = opts.dtype().toScalarType();
+  check_close(param, ref_param, "param (nesterov, weight decay, mask)", rtol_for(t), atol_for(t));
+  check_close(buf, ref_buf, "momentum_buffer (updated at inactive positions too)", rtol_for(t),
+              atol_for(t));
+  check(param.masked_select(mask.logical_not()).eq(0).all().item<bool>(),
+        "param is exactly zero at inactive positions");
+}
+
+void test_sgd_plain(const at::TensorOptions& opts) {
+  // No momentum (buffer None), no mask, maximize: p = p + lr * g.
+  at::Tensor param = at::randn({777}, opts);
+  const at::Tensor grad = at::randn({777}, opts);
+  const at::Tensor expected = param - grad * -0.05;
+  fused_sgd_step_(param, grad, std::nullopt, std::nullopt, 0.05, 0.0, 0.0, 0.0, false,
+                  /*maximize=*/true, false);
+  const auto t = opts.dtype().toScalarType();
+  check_close(param, expected, "plain SGD with maximize", rtol_for(t), atol_for(t));
+}
+
+void test_adam(const at::TensorOptions& opts, int64_t n, bool decoupled, bool amsgrad,
+               int64_t step) {
+  const double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 1e-2;
+  at::Tensor param = at::randn({n}, opts);
+  const at::Tensor grad = at::randn({n}, opts);
+  // step 1 starts from zero moments (a fresh optimizer); later steps from some state.
+  const bool fresh = step == 1;
+  at::Tensor exp_avg = fresh ? at::zeros({n}, opts) : at::randn({n}, opts) * 0.1;
+  at::Tensor exp_avg_sq = fresh ? at::zeros({n}, opts) : at::rand({n}, opts) * 0.01;
+  at::Tensor max_sq = fresh ? at::zeros({n}, opts) : exp_avg_sq + at::rand({n}, opts) * 0.01;
+  const at::Tensor mask = at::rand({n}, opts.dtype(at::kFloat)) < 0.5;
+
+  AdamState ref{exp_avg.clone(), exp_avg_sq.clone(), max_sq.clone()};
+  const at::Tensor ref_param = adam_reference(param.clone(), grad, ref, mask, lr, beta1, beta2,
+                                              eps, wd, decoupled, amsgrad, step);
+  fused_adam_step_(param, grad, exp_avg, exp_avg_sq, amsgrad ? OptTensor(max_sq) : std::nullopt,
+                   mask, lr, beta1, beta2, eps, wd, decoupled, /*maximize=*/false, step);
+  const auto t = opts.dtype().toScalarType();
+  check_close(param, ref_param, "param", rtol_for(t), atol_for(t));
+  check_close(exp_avg, ref.exp_avg, "exp_avg", rtol_for(t), atol_for(t));
+  check_close(exp_avg_sq, ref.exp_avg_sq, "exp_avg_sq", rtol_for(t), atol_for(t));
+  if (amsgrad) check_close(max_sq, ref.max_exp_avg_sq, "max_exp_avg_sq", rtol_for(t), atol_for(t));
+  check(param.masked_select(mask.logical_not()).eq(0).all().item<bool>(),
+        "param is exactly zero at inactive positions");
+}
+
+void test_bad_input(const at::TensorOptions& opts) {
+  at::Tensor weight = at::randn({4, 5}, opts);
+  const at::Tensor before = weight.clone();
+
+  const at::Tensor wrong_shape = at::ones({5, 4}, opts.dtype(at::kBool));
+  const std::string msg = expect_error([&] { mask_apply_(weight, wrong_shape); }, "mask",
+                                       "mask_apply_ with a (5, 4) mask for a (4, 5) weight");
+  check(msg.find("shape") != std::string::npos, "the error says the shape is wrong: " + msg);
+  check(at::equal(weight, before), "weight untouched after the rejected call");
+
+  expect_error([&] { mask_apply_(weight, at::ones({4, 5}, opts)); }, "mask",
+               "mask_apply_ with a float mask");
+  // The dtype error is a TypeError (c10::TypeError derives from c10::Error).
+  try {
+    mask_apply_(weight, at::ones({4, 5}, opts));
+    check(false, "float mask: nothing thrown");
+  } catch (const c10::TypeError&) {
+    check(true, "float mask throws c10::TypeError");
+  } catch (const c10::Error& e) {
+    check(false, std::string("float mask: expected c10::TypeError, got ") +
+                     e.what_without_backtrace());
+  }
+
+  const at::Tensor grad = at::randn({4, 5}, opts);
+  at::Tensor buf = at::zeros({4, 5}, opts);
+  expect_error(
+      [&] {
+        fused_sgd_step_(weight, grad, buf, at::ones({20}, opts.dtype(at::kBool)), 0.1, 0.9, 0.0,
+                        0.0, false, false, false);
+      },
+      "mask", "fused_sgd_step_ with a (20,) mask");
+  expect_error(
+      [&] {
+        fused_sgd_step_(weight, grad, std::nullopt, std::nullopt, 0.1, 0.9, 0.0, 0.0, false,
+                        false, false);
+      },
+      "momentum_buffer", "fused_sgd_step_ with momentum but no buffer");
+  at::Tensor m = at::zeros({4, 5}, opts), v = at::zeros({4, 5}, opts);
+  expect_error(
+      [&] {
+        fused_adam_step_(weight, grad, m, v, std::nullopt, at::ones({4, 6}, opts.dtype(at::kBool)),
+                         1e-3, 0.9, 0.999, 1e-8, 0.0, false, false, 1);
+      },
+      "mask", "fused_adam_step_ with a (4, 6) mask");
+  expect_error(
+      [&] {
+        fused_adam_step_(weight, grad, m, v, std::nullopt, std::nullopt, 1e-3, 0.9, 0.999, 1e-8,
+                         0.0, false, false, 0);
+      },
+      "step", "fused_adam_step_ with step 0");
+  check(at::equal(weight, before), "param untouched after the rejected calls");
+  check(buf.eq(0).all().item<bool>() && m.eq(0).all().item<bool>() && v.eq(0).all().item<bool>(),
+        "optimizer state untouched after the rejected calls");
+}
+
+void run_device_tests(const at::TensorOptions& base, const std::string& device) {
+  // 100003 elements: more than the CPU kernels' grain size (1 << 15), so the
+  // work is split over threads, and not a multiple of any vector width.
+  for (const auto dtype : {at::kFloat, at::kDouble}) {
+    const auto opts = base.dtype(dtype);
+    const std::string tag = device + " " + c10::toString(dtype);
+    run_case("mask_apply_ " + tag, [&] { test_mask_apply(opts, 100000, false); });
+    run_case("mask_apply_ " + tag + " non-contiguous",
+             [&] { test_mask_apply(opts, 4096, true); });
+    run_case("fused_sgd_step_ " + tag + " nesterov+wd+mask",
+             [&] { test_sgd(opts, 100003, /*init_buf=*/false); });
+    run_case("fused_sgd_step_ " + tag + " first step (init_momentum_buffer)",
+             [&] { test_sgd(opts, 1001, /*init_buf=*/true); });
+    run_case("fused_sgd_step_ " + tag + " no momentum, maximize", [&] { test_sgd_plain(opts); });
+    run_case("fused_adam_step_ " + tag + " Adam step 1",
+             [&] { test_adam(opts, 100003, false, false, 1); });
+    run_case("fused_adam_step_ " + tag + " AdamW step 5",
+             [&] { test_adam(opts, 1001, true, false, 5); });
+    run_case("fused_adam_step_ " + tag + " Adam amsgrad step 3",
+             [&] { test_adam(opts, 1001, false, true, 3); });
+  }
+  run_case("mask_apply_ " + device + " all dtypes", [&] { test_mask_apply_dtypes(base); });
+  run_case("bad input " + device, [&] { test_bad_input(base.dtype(at::kFloat)); });
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  run_case("schemas registered", test_schemas);
+  if (g_failed != 0) {
+    std::cerr << "sparsemom operators are not registered: was libsparsemom loaded?\n";
+  } else {
+    run_case("build_info", test_build_info);
+    run_device_tests(at::TensorOptions().device(at::kCPU), "cpu");
+#ifdef SPARSEMOM_WITH_CUDA
+    if (at::hasCUDA()) {
+      run_device_tests(at::TensorOptions().device(at::kCUDA), "cuda");
+    } else {
+      std::cout << "(no GPU visible: CUDA kernels not tested)\n";
+    }
+#endif
+  }
+  std::cout << "sparsemom_cpp_test: " << g_passed << " passed, " << g_failed << " failed\n";
+  return g_failed == 0 ? 0 : 1;
+}
