@@ -13,8 +13,9 @@ The momentum of inactive positions keeps being updated (sparse momentum grows fr
 it); the weights of inactive positions are exactly zero after every step.
 
 Parameters whose group uses ``capturable``, ``differentiable`` or ``fused=True``,
-with a sparse gradient, or of a dtype the kernels do not handle (complex), take the
-parent's step followed by a masked fill: same result, not fused.
+with a sparse gradient or one of another dtype, or of a dtype the kernels do not
+handle (complex), take the parent's step followed by a masked fill: same result,
+not fused.
 """
 
 import torch
@@ -46,7 +47,8 @@ class _MaskedStepMixin:
     def _fusable(self, group, p) -> bool:
         return (
             p.dtype in _FUSED_DTYPES
-            and not p.grad.is_sparse
+            and p.grad.dtype == p.dtype
+            and p.grad.layout == torch.strided
             and not group.get("capturable", False)
             and not group.get("differentiable", False)
             and not group.get("fused", False)

@@ -196,3 +196,22 @@ def test_constructor_rejects_bad_hyperparameters():
         sm.optim.SGD(params, lr=-0.1)
     with pytest.raises(ValueError, match="beta parameter"):
         sm.optim.Adam(make_model().parameters(), betas=(1.0, 0.999))
+
+
+def test_sparse_gradient_falls_back_to_parent_step_and_mask():
+    torch.manual_seed(0)
+    ours = torch.nn.Embedding(10, 4, sparse=True)
+    theirs = copy.deepcopy(ours)
+    mask = torch.rand(10, 4) < 0.5
+    sm.attach_mask(ours.weight, mask)
+    opt_ours = sm.optim.SGD(ours.parameters(), lr=0.1)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    index = torch.tensor([1, 3, 3, 7])
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        model(index).sum().backward()
+        assert model.weight.grad.is_sparse
+        opt.step()
+    with torch.no_grad():
+        theirs.weight.mul_(mask)
+    torch.testing.assert_close(ours.weight, theirs.weight)
+    assert not ours.weight[~mask].any()
