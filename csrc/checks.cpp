@@ -5,6 +5,8 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <utility>
 
 namespace sparsemom {
 namespace {
@@ -57,6 +59,25 @@ void check_state(const at::Tensor& t, const char* name, const at::Tensor& param)
   check_writable(t, name);
 }
 
+// Kernels read every argument once and write the in-place ones; shared memory
+// between two arguments would make the result depend on the order of the
+// loop (and the CPU loops promise the compiler there is none).
+void check_no_shared_memory(std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
+  for (auto a = args.begin(); a != args.end(); ++a) {
+    if (a->first == nullptr || !a->first->defined()) continue;
+    for (auto b = a + 1; b != args.end(); ++b) {
+      if (b->first == nullptr || !b->first->defined()) continue;
+      const at::MemOverlapStatus status = at::get_overlap_status(*a->first, *b->first);
+      TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                        a->second, " and ", b->second, " must not share memory; pass a .clone()");
+    }
+  }
+}
+
+const at::Tensor* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
 void check_finite_nonnegative(double v, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be finite and >= 0, got ", v);
 }
@@ -67,6 +88,7 @@ void check_mask_apply_args(const at::Tensor& weight, const at::Tensor& mask) {
   check_weight_like(weight, "weight");
   check_writable(weight, "weight");
   check_mask(mask, weight, "weight");
+  check_no_shared_memory({{&weight, "weight"}, {&mask, "mask"}});
 }
 
 void check_sgd_args(const at::Tensor& param, const at::Tensor& grad,
@@ -91,6 +113,10 @@ void check_sgd_args(const at::Tensor& param, const at::Tensor& grad,
                       "momentum_buffer must be a tensor when momentum != 0 (got None)");
   }
   if (momentum_buffer.has_value()) check_state(*momentum_buffer, "momentum_buffer", param);
+  check_no_shared_memory({{&param, "param"},
+                          {&grad, "grad"},
+                          {ptr_or_null(momentum_buffer), "momentum_buffer"},
+                          {ptr_or_null(mask), "mask"}});
 }
 
 void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -110,6 +136,12 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
   TORCH_CHECK_VALUE(h.beta1 >= 0.0 && h.beta1 < 1.0, "beta1 must be in [0, 1), got ", h.beta1);
   TORCH_CHECK_VALUE(h.beta2 >= 0.0 && h.beta2 < 1.0, "beta2 must be in [0, 1), got ", h.beta2);
   TORCH_CHECK_VALUE(h.step >= 1, "step must be >= 1 (the count after this step), got ", h.step);
+  check_no_shared_memory({{&param, "param"},
+                          {&grad, "grad"},
+                          {&exp_avg, "exp_avg"},
+                          {&exp_avg_sq, "exp_avg_sq"},
+                          {ptr_or_null(max_exp_avg_sq), "max_exp_avg_sq"},
+                          {ptr_or_null(mask), "mask"}});
 }
 
 }  // namespace sparsemom

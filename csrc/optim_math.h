@@ -1,8 +1,11 @@
 // Per-element arithmetic of the fused masked optimizer steps, shared verbatim
 // by the CPU loops and the CUDA kernels so both backends compute the same thing.
-// Follows torch.optim's single-tensor SGD/Adam order of operations, in opmath
-// precision (float for fp32/fp16/bf16, double for fp64), rounding to the
-// storage type where torch.optim stores a result.
+// Follows torch.optim's single-tensor SGD/Adam order of operations in opmath
+// precision (float for fp32/fp16/bf16, double for fp64). Values are rounded to
+// the storage type where they are stored (optimizer state, the parameter) and
+// read back from it as torch.optim does; other intermediates (decayed gradient,
+// Adam's denominator) stay in opmath, as in torch's fused implementations, so
+// for fp16/bf16 the result is slightly more accurate than the single-tensor path.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -40,7 +40,8 @@ def fused_sgd_step_(
 ) -> None:
     """One SGD step of ``torch.optim.SGD`` fused with ``mask_apply_``, in one pass.
 
-    Updates ``param`` (and ``momentum_buffer`` when ``momentum != 0``) in place with
+    Updates ``param`` (and ``momentum_buffer`` when ``momentum != 0``; without
+    momentum the buffer may be None and is ignored) in place with
     the arithmetic of torch.optim's single-tensor SGD, then zeros ``param`` where
     ``mask`` is False. The momentum of inactive positions is updated like any other
     (sparse momentum grows weights from it). ``init_momentum_buffer=True`` is the

@@ -4,7 +4,8 @@ Each function has the signature of the op in :mod:`sparsemom_ext.ops` and comput
 the same result with plain tensor operations, written for clarity, not speed. The
 fused optimizer steps follow torch.optim's single-tensor SGD / Adam arithmetic in
 "opmath" precision (float32 for float16/bfloat16/float32 inputs, float64 for
-float64), rounding to the storage dtype exactly where torch.optim stores a tensor.
+float64), rounding to the storage dtype where a tensor is stored (optimizer state,
+the parameter); other intermediates stay in opmath.
 """
 
 import math
@@ -38,7 +39,7 @@ def fused_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tenso
         g = -g
     if weight_decay != 0:
         g = g + weight_decay * p
-    if momentum_buffer is not None:
+    if momentum_buffer is not None and momentum != 0:
         if init_momentum_buffer:
             buf = _store(momentum_buffer, g)
         else:

@@ -127,3 +127,41 @@ def test_attach_mask_rejects_bad_masks():
     with pytest.raises(TypeError, match="param must be a tensor"):
         sm.attach_mask("weight", torch.ones(3, 4, dtype=torch.bool))
     assert sm.mask_of(p) is None
+
+
+
+SHARED_MEMORY_CALLS = [
+    (sm.fused_sgd_step_, "param", "grad"),
+    (sm.fused_sgd_step_, "param", "momentum_buffer"),
+    (sm.fused_adam_step_, "exp_avg", "exp_avg_sq"),
+    (sm.fused_adam_step_, "grad", "exp_avg"),
+]
+
+
+@pytest.mark.parametrize("op,first,second", SHARED_MEMORY_CALLS)
+def test_arguments_sharing_memory_are_rejected(op, first, second):
+    args = sgd_args() if op is sm.fused_sgd_step_ else adam_args()
+    storage = torch.rand(40)
+    args[first] = storage[:20].view(4, 5)
+    args[second] = storage[10:30].view(4, 5)  # partial overlap
+    before = storage.clone()
+    with pytest.raises(ValueError, match=f"{first} and {second} must not share memory"):
+        op(**args)
+    assert torch.equal(storage, before)
+
+
+def test_mask_bytes_other_than_one_count_as_active():
+    weight = torch.arange(1.0, 6.0)
+    mask = torch.tensor([0, 1, 2, 255, 0], dtype=torch.uint8).view(torch.bool)
+    sm.mask_apply_(weight, mask)
+    assert weight.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+
+
+def test_momentum_buffer_is_ignored_without_momentum():
+    args = sgd_args(momentum=0.0)
+    buf_before = args["momentum_buffer"].clone()
+    expected = args["param"] - 0.1 * args["grad"]
+    expected[~args["mask"]] = 0
+    sm.fused_sgd_step_(**args)
+    assert torch.equal(args["momentum_buffer"], buf_before)
+    torch.testing.assert_close(args["param"], expected)

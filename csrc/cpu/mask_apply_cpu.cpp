@@ -29,14 +29,16 @@ template <typename scalar_t>
 struct MaskApplyArgs {
   using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
   bits_t* __restrict__ weight;
-  const bool* __restrict__ mask;
+  // Read as bytes and compared with 0: a bool tensor viewed from uint8 may hold
+  // other nonzero values, which count as true, as they do on CUDA.
+  const uint8_t* __restrict__ mask;
 };
 
 template <typename Args>
 inline __attribute__((always_inline)) void mask_apply_range(const Args& a, int64_t begin,
                                                             int64_t end) {
   using bits_t = typename Args::bits_t;
-  for (int64_t i = begin; i < end; ++i) a.weight[i] &= -static_cast<bits_t>(a.mask[i]);
+  for (int64_t i = begin; i < end; ++i) a.weight[i] &= -static_cast<bits_t>(a.mask[i] != 0);
 }
 SPARSEMOM_DEFINE_ISA_VARIANTS(mask_apply_range)
 
@@ -49,7 +51,7 @@ void mask_apply_cpu(const at::Tensor& weight, const at::Tensor& mask) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "mask_apply_cpu", [&] {
     using Args = MaskApplyArgs<scalar_t>;
     const Args args{reinterpret_cast<typename Args::bits_t*>(work.data_ptr<scalar_t>()),
-                    mask_c.data_ptr<bool>()};
+                    reinterpret_cast<const uint8_t*>(mask_c.data_ptr<bool>())};
     const auto range = pick_mask_apply_range<Args>();
     at::parallel_for(0, work.numel(), kGrainSize,
                      [&](int64_t begin, int64_t end) { range(args, begin, end); });

@@ -49,7 +49,8 @@ void fused_sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
   const c10::cuda::CUDAGuard guard(param.device());
   const at::Tensor param_w = param.contiguous();
   const at::Tensor grad_c = grad.contiguous();
-  const at::Tensor buf_w = contiguous_or_undefined(momentum_buffer);
+  // Without momentum torch.optim keeps no buffer: a given one is left untouched.
+  const at::Tensor buf_w = momentum != 0.0 ? contiguous_or_undefined(momentum_buffer) : at::Tensor();
   const at::Tensor mask_c = contiguous_or_undefined(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_sgd_step_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
