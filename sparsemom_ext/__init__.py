@@ -23,19 +23,27 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import data, ops, optim, reference  # noqa: E402
 from ._build import build_info  # noqa: E402
 from .ops import fused_adam_step_, fused_sgd_step_, mask_apply_  # noqa: E402
-from .sparsity import attach_mask, detach_mask, mask_of  # noqa: E402
+from .sparsity import SparseMomentum, attach_mask, detach_mask, mask_of  # noqa: E402
+from . import nn  # noqa: E402
+from .nn import SparseConv2d, SparseLinear, density_report, sparsify  # noqa: E402
 
 __all__ = [
+    "SparseConv2d",
+    "SparseLinear",
+    "SparseMomentum",
     "__version__",
     "attach_mask",
     "build_info",
     "data",
+    "density_report",
     "detach_mask",
     "fused_adam_step_",
     "fused_sgd_step_",
     "mask_apply_",
     "mask_of",
+    "nn",
     "ops",
     "optim",
     "reference",
+    "sparsify",
 ]

@@ -1,0 +1,42 @@
+"""Which parameters carry a mask.
+
+A parameter carries a mask when :func:`attach_mask` was called on it. The fused
+optimizers of :mod:`sparsemom_ext.optim` look masks up with :func:`mask_of` at every
+step and keep such parameters zero at inactive positions.
+"""
+
+import torch
+
+_MASK_ATTR = "_sparsemom_mask"
+
+
+def attach_mask(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attach the bool ``mask`` to ``param`` (same shape and device) and return ``param``.
+
+    The mask is stored by reference, so later in-place changes to it (a topology
+    update) are seen by the optimizers. ``param`` itself is not modified: call
+    :func:`sparsemom_ext.mask_apply_` to zero its inactive positions now.
+    """
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"param must be a tensor, got {type(param).__name__}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if mask.shape != param.shape:
+        raise ValueError(f"mask must have the shape of param {tuple(param.shape)}, got {tuple(mask.shape)}")
+    if mask.device != param.device:
+        raise ValueError(f"mask must be on the device of param ({param.device}), got {mask.device}")
+    setattr(param, _MASK_ATTR, mask)
+    return param
+
+
+def mask_of(param: torch.Tensor):
+    """The mask attached to ``param``, or ``None``."""
+    return getattr(param, _MASK_ATTR, None)
+
+
+def detach_mask(param: torch.Tensor) -> None:
+    """Forget the mask of ``param`` (it becomes a dense parameter again)."""
+    if hasattr(param, _MASK_ATTR):
+        delattr(param, _MASK_ATTR)
