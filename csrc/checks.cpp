@@ -144,4 +144,17 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad, const at::
                           {ptr_or_null(mask), "mask"}});
 }
 
+void check_selection_args(const at::Tensor& values, const char* values_name,
+                          const at::Tensor& mask, int64_t k) {
+  check_weight_like(values, values_name);
+  TORCH_CHECK_VALUE(mask.defined(), "mask must be a tensor, got None");
+  check_mask(mask, values, values_name);
+  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got k=", k);
+}
+
+void check_selection_k(int64_t k, int64_t available, const char* what) {
+  TORCH_CHECK_VALUE(k <= available, "k must be at most the number of ", what, " (", available,
+                    "), got k=", k);
+}
+
 }  // namespace sparsemom

@@ -72,6 +72,10 @@ TORCH_LIBRARY(sparsemom, m) {
       "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor? mask, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool maximize, int step) -> ()");
+  // Functional: each returns a new contiguous bool mask of mask's shape.
+  m.def("magnitude_prune(Tensor weight, Tensor mask, int k) -> Tensor");
+  m.def("momentum_grow(Tensor score, Tensor mask, int k) -> Tensor");
+  m.def("set_prune(Tensor weight, Tensor mask, int k) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
   m.def("build_info() -> str", &build_info);
 }

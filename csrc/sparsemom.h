@@ -25,6 +25,14 @@ void check_adam_args(const at::Tensor& param, const at::Tensor& grad,
                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                      const std::optional<at::Tensor>& max_exp_avg_sq,
                      const std::optional<at::Tensor>& mask, const AdamHyper& hyper);
+// Selection ops (magnitude_prune, momentum_grow, set_prune): `values` (called
+// `values_name` in messages) of a float dtype, a bool `mask` of its shape and
+// device, k >= 0.
+void check_selection_args(const at::Tensor& values, const char* values_name,
+                          const at::Tensor& mask, int64_t k);
+// k against the number of candidates the selection has, counted by the
+// kernel's first pass (`what`: e.g. "active positions in mask").
+void check_selection_k(int64_t k, int64_t available, const char* what);
 
 // Kernels work on dense memory. An in-place argument that is not contiguous is
 // updated in a contiguous copy (`work = target.contiguous()`) and written back

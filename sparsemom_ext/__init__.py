@@ -22,7 +22,14 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from . import data, ops, optim, reference  # noqa: E402
 from ._build import build_info  # noqa: E402
-from .ops import fused_adam_step_, fused_sgd_step_, mask_apply_  # noqa: E402
+from .ops import (  # noqa: E402
+    fused_adam_step_,
+    fused_sgd_step_,
+    magnitude_prune,
+    mask_apply_,
+    momentum_grow,
+    set_prune,
+)
 from .sparsity import SparseMomentum, attach_mask, detach_mask, mask_of  # noqa: E402
 from . import nn  # noqa: E402
 from .nn import SparseConv2d, SparseLinear, density_report, sparsify  # noqa: E402
@@ -39,11 +46,14 @@ __all__ = [
     "detach_mask",
     "fused_adam_step_",
     "fused_sgd_step_",
+    "magnitude_prune",
     "mask_apply_",
     "mask_of",
+    "momentum_grow",
     "nn",
     "ops",
     "optim",
     "reference",
+    "set_prune",
     "sparsify",
 ]

@@ -5,7 +5,8 @@ the same result with plain tensor operations, written for clarity, not speed. Th
 fused optimizer steps follow torch.optim's single-tensor SGD / Adam arithmetic in
 "opmath" precision (float32 for float16/bfloat16/float32 inputs, float64 for
 float64), rounding to the storage dtype where a tensor is stored (optimizer state,
-the parameter); other intermediates stay in opmath.
+the parameter); other intermediates stay in opmath. The selection ops sort integer
+keys with a stable sort, which gives the tie rule (lower flat index first) for free.
 """
 
 import math
@@ -75,3 +76,90 @@ def fused_adam_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
     param.copy_(p)
     if mask is not None:
         mask_apply_(param, mask)
+
+
+# --------------------------------------------------------------------------- selection
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _magnitude_bits(values: Tensor) -> Tensor:
+    """|values| as the unsigned integer its bits spell (sign bit cleared), as int64, flat.
+
+    Monotone in |x| for IEEE floats, with NaN above +inf: the order of every selection.
+    """
+    bits = values.contiguous().view(_INT_OF_WIDTH[values.element_size()]).reshape(-1)
+    width = 8 * values.element_size()
+    return bits.to(torch.int64) & ((1 << (width - 1)) - 1)
+
+
+def _remove_smallest(mask_flat: Tensor, out_flat: Tensor, candidates: Tensor, key: Tensor, k: int) -> None:
+    """Flip the k candidates (flat indices, increasing) of smallest key, ties by index."""
+    order = torch.sort(key[candidates], stable=True).indices
+    chosen = candidates[order[:k]]
+    out_flat[chosen] = ~mask_flat[chosen]
+
+
+def _check_k(k: int, available: int, what: str) -> None:
+    if not 0 <= k <= available:
+        raise ValueError(f"k must be in [0, {available}] (the number of {what}), got k={k}")
+
+
+def magnitude_prune(weight: Tensor, mask: Tensor, k: int) -> Tensor:
+    mask_flat = mask.reshape(-1).clone()
+    out = mask_flat.clone()
+    active = torch.nonzero(mask_flat).reshape(-1)
+    _check_k(k, active.numel(), "active positions in mask")
+    _remove_smallest(mask_flat, out, active, _magnitude_bits(weight), k)
+    return out.reshape(mask.shape)
+
+
+def momentum_grow(score: Tensor, mask: Tensor, k: int) -> Tensor:
+    mask_flat = mask.reshape(-1).clone()
+    out = mask_flat.clone()
+    inactive = torch.nonzero(~mask_flat).reshape(-1)
+    _check_k(k, inactive.numel(), "inactive positions in mask")
+    # Largest |score| first: smallest negated key; a stable sort keeps index order in ties.
+    _remove_smallest(mask_flat, out, inactive, -_magnitude_bits(score), k)
+    return out.reshape(mask.shape)
+
+
+def set_prune_sides(weight: Tensor, mask: Tensor):
+    """Flat indices of the active weights on the >= 0 side and on the < 0 side.
+
+    A weight is on the < 0 side when its sign bit is set and it is not zero (-0.0 is
+    a zero, on the >= 0 side); NaN goes by its sign bit.
+    """
+    mask_flat = mask.reshape(-1)
+    magnitude = _magnitude_bits(weight)
+    width = 8 * weight.element_size()
+    sign = (weight.contiguous().view(_INT_OF_WIDTH[weight.element_size()]).reshape(-1).to(torch.int64)
+            >> (width - 1)) != 0
+    negative = sign & (magnitude != 0)
+    return (torch.nonzero(mask_flat & ~negative).reshape(-1),
+            torch.nonzero(mask_flat & negative).reshape(-1))
+
+
+def set_prune_split(k: int, positive: int, negative: int):
+    """How many SET removes on each side: ceil(k/2) from the >= 0 side, floor(k/2)
+    from the < 0 side, what a side lacks taken from the other."""
+    from_positive, from_negative = k - k // 2, k // 2
+    if from_positive > positive:
+        from_negative += from_positive - positive
+        from_positive = positive
+    if from_negative > negative:
+        from_positive += from_negative - negative
+        from_negative = negative
+    return from_positive, from_negative
+
+
+def set_prune(weight: Tensor, mask: Tensor, k: int) -> Tensor:
+    mask_flat = mask.reshape(-1).clone()
+    out = mask_flat.clone()
+    positive, negative = set_prune_sides(weight, mask)
+    _check_k(k, positive.numel() + negative.numel(), "active positions in mask")
+    from_positive, from_negative = set_prune_split(k, positive.numel(), negative.numel())
+    # Closest to zero on both sides: smallest |w| (the < 0 side's largest values).
+    magnitude = _magnitude_bits(weight)
+    _remove_smallest(mask_flat, out, positive, magnitude, from_positive)
+    _remove_smallest(mask_flat, out, negative, magnitude, from_negative)
+    return out.reshape(mask.shape)
