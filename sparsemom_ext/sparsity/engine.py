@@ -74,8 +74,8 @@ def apportion(total: int, weights: List[float], capacity: List[int]) -> List[int
         shares = [weights[i] for i in open_slots]
         if sum(shares) <= 0:  # only zero-weight slots have room: fill by free capacity
             shares = [capacity[i] - given[i] for i in open_slots]
-        scale = remaining / sum(shares)
-        exact = [s * scale for s in shares]
+        total_share = sum(shares)
+        exact = [remaining * (s / total_share) for s in shares]  # s / total first: no overflow
         part = [math.floor(e) for e in exact]
         leftover = remaining - sum(part)
         order = sorted(range(len(open_slots)), key=lambda j: (-(exact[j] - part[j]), j))

@@ -1,0 +1,291 @@
+"""The SparseMomentum engine: against a straightforward Python update, invariants, options, defects."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsemom_ext as sm
+from sparsemom_ext.sparsity.engine import SparseMomentum, apportion, prune_rate_at
+
+
+def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
+    """A plain MLP whose weights carry masks (the engine needs nothing else)."""
+    torch.manual_seed(seed)
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1]).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            if tie_values:  # few distinct magnitudes: ties everywhere
+                with torch.no_grad():
+                    module.weight.copy_(torch.randint(-2, 3, module.weight.shape, generator=g).double())
+            mask = torch.rand(module.weight.shape, generator=g) < density
+            sm.attach_mask(module.weight, mask)
+            sm.mask_apply_(module.weight.data, mask)
+    return model
+
+
+def train_steps(model, optimizer, engine, steps, seed=3, zero_grad_after=False):
+    g = torch.Generator().manual_seed(seed)
+    n_in = model[0].in_features
+    for _ in range(steps):
+        x = torch.randn(8, n_in, generator=g, dtype=torch.float64)
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        if engine is not None:
+            engine.step()
+
+
+def masks_of(model):
+    return [sm.mask_of(p).clone() for p in model.parameters() if sm.mask_of(p) is not None]
+
+
+# ------------------------------------------------------------------ straightforward reference
+def sort_select(keys, candidates, k, largest):
+    """Flat indices of the k candidates with smallest (or largest) key; ties to the lower index."""
+    idx = candidates.flatten().nonzero().flatten().tolist()
+    flat = keys.flatten().tolist()
+    idx.sort(key=lambda i: ((-flat[i]) if largest else flat[i], i))
+    return idx[:k]
+
+
+def python_update(weights, masks, momenta, rate):
+    """ALGORITHMS.md section 1 with sorting and lists: magnitude prune, momentum
+    redistribution (via the engine's apportion, tested on its own below) and momentum growth."""
+    counts = [int(m.sum()) for m in masks]
+    stats = [float(mo.abs()[m].mean()) if c else 0.0 for mo, m, c in zip(momenta, masks, counts)]
+    shares = [s / sum(stats) for s in stats]
+    n_prune = [math.ceil(rate * c) for c in counts]
+    pruned = []
+    for w, m, k in zip(weights, masks, n_prune):
+        new = m.clone().flatten()
+        new[sort_select(w.abs(), m, k, largest=False)] = False
+        pruned.append(new.view_as(m))
+    free = [m.numel() - int(p.sum()) for m, p in zip(masks, pruned)]
+    n_grow = apportion(sum(n_prune), shares, free)
+    result = []
+    for mo, p, g in zip(momenta, pruned, n_grow):
+        new = p.clone().flatten()
+        new[sort_select(mo.abs(), ~p, g, largest=True)] = True
+        result.append(new.view_as(p))
+    return result
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "sgd_torch", "adamw"])
+@pytest.mark.parametrize("tie_values", [False, True])
+def test_update_matches_straightforward_python(opt_name, tie_values):
+    model = masked_model(tie_values=tie_values)
+    if opt_name == "sgd":
+        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    elif opt_name == "sgd_torch":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = sm.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = SparseMomentum(model, opt, prune_rate=0.4, total_steps=100)
+    train_steps(model, opt, engine, steps=4)
+    weights = [w.param.detach().clone() for w in engine.weights]
+    masks = [w.mask.clone() for w in engine.weights]
+    momenta = [engine._momentum(w).clone() for w in engine.weights]
+    expected = python_update(weights, masks, momenta, engine.prune_rate())
+    engine.update()
+    for w, exp in zip(engine.weights, expected):
+        assert torch.equal(w.mask, exp), w.name
+        assert not w.param[~w.mask].any()
+
+
+# ------------------------------------------------------------------ invariants
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 24), min_size=2, max_size=5),
+    density=st.floats(0.05, 1.0),
+    rate=st.floats(0.0, 1.0),
+    growth=st.sampled_from(["momentum", "random", "gradient"]),
+    prune=st.sampled_from(["magnitude", "set"]),
+    redistribution=st.sampled_from(["momentum", "magnitude", "nonzeros", "none"]),
+    seed=st.integers(0, 1000),
+)
+def test_property_counts_are_exact_and_nothing_drifts(sizes, density, rate, growth, prune, redistribution, seed):
+    model = masked_model(sizes=tuple(sizes), density=density, seed=seed, tie_values=seed % 2 == 0)
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, prune_rate=rate, update_every=2, total_steps=7, decay="linear",
+                            growth=growth, prune=prune, redistribution=redistribution, seed=seed)
+    total = sum(int(w.mask.sum()) for w in engine.weights)
+    for _ in range(3):
+        before = masks_of(model)
+        train_steps(model, opt, engine, steps=2, seed=seed)
+        records = engine.history[-len(engine.weights):]
+        after = masks_of(model)
+        assert sum(int(m.sum()) for m in after) == total
+        for old, new, record, w in zip(before, after, records, engine.weights):
+            assert new.dtype == torch.bool
+            assert int(new.sum()) == int(old.sum()) - record.pruned + record.grown == record.nnz
+            # |new \ old| - |old \ new| = grown - pruned, and positions leave only by pruning.
+            assert int((new & ~old).sum()) - int((old & ~new).sum()) == record.grown - record.pruned
+            assert int((old & ~new).sum()) <= record.pruned
+            assert not w.param[~w.mask].any()
+            assert not torch.isnan(w.param).any()
+            if redistribution == "none":
+                assert record.grown == record.pruned
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(0, 500),
+    weights=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=8),
+    extra=st.lists(st.integers(0, 100), min_size=8, max_size=8),
+)
+def test_property_apportion_is_exact_and_capped(total, weights, extra):
+    capacity = [e + total // len(weights) + 1 for e in extra[: len(weights)]]
+    given_ = apportion(total, weights, capacity)
+    assert sum(given_) == total
+    assert all(0 <= g <= c for g, c in zip(given_, capacity))
+    if sum(weights) > 0 and all(c >= total for c in capacity):  # nothing capped: proportional within 1
+        for g, w in zip(given_, weights):
+            assert abs(g - total * w / sum(weights)) < 1 + 1e-9
+
+
+def test_apportion_moves_the_excess_of_a_capped_layer():
+    assert apportion(10, [0.8, 0.1, 0.1], [2, 100, 100]) == [2, 4, 4]
+    with pytest.raises(ValueError, match="free slots"):
+        apportion(5, [1.0], [4])
+
+
+def test_prune_rate_schedules():
+    assert prune_rate_at(0, 100, 0.5, 0.005, "cosine") == pytest.approx(0.5)
+    assert prune_rate_at(50, 100, 0.5, 0.005, "cosine") == pytest.approx((0.5 + 0.005) / 2)
+    assert prune_rate_at(100, 100, 0.5, 0.005, "cosine") == pytest.approx(0.005)
+    assert prune_rate_at(25, 100, 0.5, 0.1, "linear") == pytest.approx(0.4)
+    assert prune_rate_at(80, 100, 0.3, 0.0, "constant") == 0.3
+
+
+# ------------------------------------------------------------------ stepping and persistence
+def test_end_of_epoch_updates_except_after_the_last_step():
+    model = masked_model()
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, total_steps=6)
+    train_steps(model, opt, engine, steps=3)
+    engine.end_of_epoch()
+    assert engine.updates == 1
+    train_steps(model, opt, engine, steps=3)
+    engine.end_of_epoch()  # step 6 of 6: the run is over
+    assert engine.updates == 1
+
+
+def test_update_every_k_steps():
+    model = masked_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = SparseMomentum(model, opt, update_every=3, total_steps=10)
+    train_steps(model, opt, engine, steps=10)
+    assert engine.updates == 3  # steps 3, 6, 9
+    engine.end_of_epoch()
+    assert engine.updates == 3
+
+
+def test_plain_torch_optimizer_weights_are_masked_by_step():
+    model = masked_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, total_steps=10)
+    train_steps(model, opt, engine, steps=2)
+    for w in engine.weights:
+        assert not w.param[~w.mask].any()
+
+
+def test_resumed_run_continues_identically():
+    def run(resume_at=None):
+        model = masked_model(seed=5)
+        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        engine = SparseMomentum(model, opt, update_every=2, total_steps=12, growth="random")
+        train_steps(model, opt, engine, steps=resume_at or 12, seed=9)
+        if resume_at is None:
+            return model
+        saved = copy.deepcopy((model.state_dict(), opt.state_dict(), engine.state_dict()))
+        model2 = masked_model(seed=123)  # different init: everything must come from the checkpoint
+        opt2 = sm.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        engine2 = SparseMomentum(model2, opt2, update_every=2, total_steps=12, growth="random", seed=77)
+        model2.load_state_dict(saved[0])
+        opt2.load_state_dict(saved[1])
+        engine2.load_state_dict(saved[2])
+        # the rest of the run, with the same batches as the uninterrupted run
+        g = torch.Generator().manual_seed(9)
+        for _ in range(resume_at):
+            torch.randn(8, model2[0].in_features, generator=g, dtype=torch.float64)
+        for _ in range(12 - resume_at):
+            x = torch.randn(8, model2[0].in_features, generator=g, dtype=torch.float64)
+            opt2.zero_grad()
+            model2(x).square().mean().backward()
+            opt2.step()
+            engine2.step()
+        return model2
+
+    straight, resumed = run(), run(resume_at=5)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(masks_of(straight), masks_of(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_random_growth():
+    results = []
+    for _ in range(2):
+        model = masked_model(seed=1)
+        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = SparseMomentum(model, opt, update_every=1, total_steps=5, growth="random", seed=42)
+        train_steps(model, opt, engine, steps=4)
+        results.append(masks_of(model))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ------------------------------------------------------------------ bad input and reference-code defects
+def test_optimizers_without_momentum_get_a_clear_error():
+    model = masked_model()
+    with pytest.raises(ValueError, match="momentum=0.*Supported"):
+        SparseMomentum(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+    with pytest.raises(ValueError, match="RMSprop.*supported optimizers"):
+        SparseMomentum(model, torch.optim.RMSprop(model.parameters(), lr=0.1), total_steps=10)
+    # Without a momentum signal any optimizer works.
+    SparseMomentum(model, torch.optim.RMSprop(model.parameters(), lr=0.1), total_steps=10,
+                   growth="random", redistribution="nonzeros")
+
+
+def test_update_before_the_first_step_is_a_clear_error_and_changes_nothing():
+    model = masked_model()
+    opt = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = SparseMomentum(model, opt, total_steps=10)
+    before = masks_of(model)
+    with pytest.raises(RuntimeError, match="call optimizer.step"):
+        engine.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, masks_of(model)))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(growth="largest"), "growth must be one of"),
+    (dict(prune="random"), "prune must be one of"),
+    (dict(redistribution="layer"), "redistribution must be one of"),
+    (dict(decay="step"), "decay must be one of"),
+    (dict(prune_rate=1.5), "prune_rate must be"),
+    (dict(update_every=0), "update_every must be"),
+    (dict(total_steps=None), "needs total_steps"),
+])
+def test_bad_options_name_the_argument(kwargs, words):
+    model = masked_model()
+    opt = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    args = dict(total_steps=10) | kwargs
+    with pytest.raises(ValueError, match=words):
+        SparseMomentum(model, opt, **args)
+
+
+def test_model_without_sparse_weights_and_foreign_parameters_are_rejected():
+    dense = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="no sparse weights"):
+        SparseMomentum(dense, torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9), total_steps=5)
+    model = masked_model()
+    other = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="does not hold the sparse weight '0.weight'"):
+        SparseMomentum(model, other, total_steps=5)
