@@ -289,3 +289,17 @@ def test_model_without_sparse_weights_and_foreign_parameters_are_rejected():
     other = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="does not hold the sparse weight '0.weight'"):
         SparseMomentum(model, other, total_steps=5)
+
+
+def test_history_logs_every_layer_of_every_update():
+    model = masked_model()
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, update_every=2, total_steps=10)
+    train_steps(model, opt, engine, steps=4)
+    assert len(engine.history) == 2 * len(engine.weights)
+    table = engine.format_history(last=1)
+    lines = table.splitlines()
+    assert lines[0].split() == ["step", "layer", "prune_rate", "statistic", "pruned", "grown", "nnz", "density"]
+    assert [line.split()[1] for line in lines[1:]] == [w.name for w in engine.weights]
+    assert all(line.split()[0] == "4" for line in lines[1:])
+    assert sum(r.statistic for r in engine.history[-3:]) == pytest.approx(1.0)

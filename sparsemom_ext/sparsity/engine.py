@@ -175,6 +175,8 @@ class SparseMomentum:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.updates = 0
+        # One UpdateRecord per layer per update; dataclasses.asdict() gives JSON-ready
+        # rows for plotting, format_history() a printable table.
         self.history: List[UpdateRecord] = []
 
     # ------------------------------------------------------------------ setup checks
@@ -301,6 +303,17 @@ class SparseMomentum:
         self.updates += 1
         self.history.extend(records)
         return records
+
+    def format_history(self, last: Optional[int] = None) -> str:
+        """The per-layer log of the topology updates as an aligned table (``last`` updates only)."""
+        records = self.history[-last * len(self.weights):] if last else self.history
+        header = ("step", "layer", "prune_rate", "statistic", "pruned", "grown", "nnz", "density")
+        rows = [(str(r.step), r.layer, f"{r.prune_rate:.4f}", f"{r.statistic:.4f}", str(r.pruned),
+                 str(r.grown), str(r.nnz), f"{r.density:.4f}") for r in records]
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict:
