@@ -524,17 +524,28 @@ bool select_sampled(const Source& source, int64_t n, int64_t k, uint8_t* out,
   constexpr int kSampleShift = kKeyBits - kSampleBits;
   constexpr int64_t kSampleBins = int64_t(1) << kSampleBits;
 
-  std::vector<uint32_t> sample(C * kSampleBins, 0);
+  // One histogram per thread, summed: exact counts whatever the split.
+  const int64_t blocks = (n + kSampleStride - 1) / kSampleStride;
+  const int64_t slots = at::get_num_threads();
+  std::vector<uint32_t> per_thread(slots * C * kSampleBins, 0);
   Args args{};
   args.source = source;
-  args.hist = sample.data();
   args.digit_shift = kSampleShift;
   const auto sample_range = pick_selection_sample_range<Args>();
-  int64_t sampled = 0;
-  for (int64_t start = 0; start < n; start += kSampleStride) {
-    const int64_t end = std::min(n, start + kSampleBlock);
-    sample_range(args, start, end);
-    sampled += end - start;
+  at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
+    Args local = args;
+    local.hist = per_thread.data() + at::get_thread_num() * C * kSampleBins;
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = block * kSampleStride;
+      sample_range(local, start, std::min(n, start + kSampleBlock));
+    }
+  });
+  const int64_t sampled = (blocks - 1) * kSampleBlock +
+                          std::min(kSampleBlock, n - (blocks - 1) * kSampleStride);
+  std::vector<int64_t> sample(C * kSampleBins, 0);
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const uint32_t* h = per_thread.data() + slot * C * kSampleBins;
+    for (int64_t b = 0; b < C * kSampleBins; ++b) sample[b] += h[b];
   }
 
   int64_t in_sample[C] = {};
@@ -561,7 +572,7 @@ bool select_sampled(const Source& source, int64_t n, int64_t k, uint8_t* out,
     const double spread = 4.0 * std::sqrt(m * q * (1.0 - q)) + 8.0;
     const double rank_lo = rank - spread;
     const double rank_hi = rank + spread;
-    const uint32_t* h = sample.data() + c * kSampleBins;
+    const int64_t* h = sample.data() + c * kSampleBins;
     // lo: start of the bin holding sample rank rank_lo (fewer than rank_lo
     // sampled keys lie below it); hi: end of the bin holding rank_hi.
     int64_t bin_lo = 0;
