@@ -5,8 +5,8 @@ and raises ``ValueError`` / ``TypeError`` naming the argument before writing
 anything. The pure-PyTorch semantics of each op are in :mod:`sparsemom_ext.reference`.
 All ops here are deterministic on CPU and CUDA: the elementwise ops use no atomics,
 and the selection ops (:func:`magnitude_prune`, :func:`momentum_grow`,
-:func:`set_prune`) only count with atomics and break every tie by flat index, so
-their result never depends on thread count, block scheduling or the device.
+:func:`set_prune`) use atomics only to count (on CUDA) and break every tie by flat
+index, so their result never depends on thread count, block scheduling or the device.
 """
 
 from typing import Optional
@@ -106,8 +106,8 @@ _SELECTION_RULES = """
     deterministic: it does not depend on the thread count or the GPU's scheduling.
     The selection runs in O(numel) (radix select on the integer keys, no sort).
 
-    ``mask`` is a bool tensor of the shape and device of the values; either may be
-    non-contiguous. The values are float32, float64, float16 or bfloat16. Nothing is
+    ``mask`` is a bool tensor of the shape and device of the values (any nonzero byte
+    counts as active, as in :func:`mask_apply_`); either may be non-contiguous. The values are float32, float64, float16 or bfloat16. Nothing is
     modified: the result is a new contiguous bool tensor of ``mask``'s shape.
     ``k`` must be in ``[0, available]``; otherwise ``ValueError`` naming ``k`` and the
     number available. Empty tensors and ``k == 0`` are fine.

@@ -30,13 +30,14 @@ def test_build_info_describes_this_build():
 
 
 def test_every_op_has_cpu_kernel_and_fake():
-    for op in ("mask_apply_", "fused_sgd_step_", "fused_adam_step_"):
+    for op in ("mask_apply_", "fused_sgd_step_", "fused_adam_step_", "magnitude_prune",
+               "momentum_grow", "set_prune"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsemom::{op}", "CPU"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsemom::{op}", "Meta"), op
 
 
-# Runs the fused ops on fixed inputs and prints a hash of the result bits, so runs
-# with different SPARSEMOM_CPU_ISA values can be compared bit for bit.
+# Runs the fused and the selection ops on fixed inputs and prints a hash of the result
+# bits, so runs with different SPARSEMOM_CPU_ISA values can be compared bit for bit.
 _ISA_SCRIPT = r"""
 import hashlib, json, torch, sparsemom_ext as sm
 g = torch.Generator().manual_seed(7)
@@ -51,8 +52,16 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
                         decoupled_weight_decay=True)
     q = torch.randn(n, generator=g).to(dtype)
     sm.mask_apply_(q, mask)
+    # Selection: the sampled path (n >= 65536), the exact path (small n) and ties.
+    tied = torch.randint(-2, 3, (n,), generator=g).to(dtype)
+    small = n // 10
+    selected = [sm.magnitude_prune(p, mask, 5000), sm.momentum_grow(grad, mask, 9999),
+                sm.set_prune(p, mask, 7001), sm.magnitude_prune(tied, mask, 3000),
+                sm.set_prune(tied, mask, 6001), sm.momentum_grow(tied, mask, 30000),
+                sm.magnitude_prune(p[:small], mask[:small], 500),
+                sm.momentum_grow(tied[:small], mask[:small], 700)]
     digest = hashlib.sha256()
-    for t in (p, buf, m1, m2, q):
+    for t in (p, buf, m1, m2, q, *selected):
         digest.update(t.view(torch.uint8 if t.element_size() == 1 else torch.int16).numpy().tobytes())
     out[str(dtype)] = digest.hexdigest()
 print(json.dumps(out))

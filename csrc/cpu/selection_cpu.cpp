@@ -524,17 +524,34 @@ bool select_sampled(const Source& source, int64_t n, int64_t k, uint8_t* out,
   constexpr int kSampleShift = kKeyBits - kSampleBits;
   constexpr int64_t kSampleBins = int64_t(1) << kSampleBits;
 
-  std::vector<uint32_t> sample(C * kSampleBins, 0);
+  // A few partitions of the sample blocks, each with its own histogram,
+  // summed: exact counts whatever the split. Few, because each histogram is
+  // 256 KiB per class to clear and merge.
+  const int64_t blocks = (n + kSampleStride - 1) / kSampleStride;
+  const int64_t parts = std::clamp<int64_t>(blocks / 256, 1, std::min(at::get_num_threads(), 8));
+  const int64_t blocks_per_part = (blocks + parts - 1) / parts;
+  std::vector<uint32_t> part_hist(parts * C * kSampleBins, 0);
   Args args{};
   args.source = source;
-  args.hist = sample.data();
   args.digit_shift = kSampleShift;
   const auto sample_range = pick_selection_sample_range<Args>();
-  int64_t sampled = 0;
-  for (int64_t start = 0; start < n; start += kSampleStride) {
-    const int64_t end = std::min(n, start + kSampleBlock);
-    sample_range(args, start, end);
-    sampled += end - start;
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      Args local = args;
+      local.hist = part_hist.data() + part * C * kSampleBins;
+      const int64_t end_block = std::min(blocks, (part + 1) * blocks_per_part);
+      for (int64_t block = part * blocks_per_part; block < end_block; ++block) {
+        const int64_t start = block * kSampleStride;
+        sample_range(local, start, std::min(n, start + kSampleBlock));
+      }
+    }
+  });
+  const int64_t sampled = (blocks - 1) * kSampleBlock +
+                          std::min(kSampleBlock, n - (blocks - 1) * kSampleStride);
+  std::vector<int64_t> sample(C * kSampleBins, 0);
+  for (int64_t part = 0; part < parts; ++part) {
+    const uint32_t* h = part_hist.data() + part * C * kSampleBins;
+    for (int64_t b = 0; b < C * kSampleBins; ++b) sample[b] += h[b];
   }
 
   int64_t in_sample[C] = {};
@@ -561,8 +578,8 @@ bool select_sampled(const Source& source, int64_t n, int64_t k, uint8_t* out,
     const double spread = 4.0 * std::sqrt(m * q * (1.0 - q)) + 8.0;
     const double rank_lo = rank - spread;
     const double rank_hi = rank + spread;
-    const uint32_t* h = sample.data() + c * kSampleBins;
-    // lo: start of the bin holding sample rank rank_lo (fewer than rank_lo
+    const int64_t* h = sample.data() + c * kSampleBins;
+    // lo: start of the bin holding sample rank rank_lo (at most rank_lo
     // sampled keys lie below it); hi: end of the bin holding rank_hi.
     int64_t bin_lo = 0;
     int64_t before = 0;

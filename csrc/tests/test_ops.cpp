@@ -127,6 +127,24 @@ void fused_adam_step_(const at::Tensor& param, const at::Tensor& grad, const at:
               weight_decay, decoupled, maximize, step);
 }
 
+at::Tensor magnitude_prune(const at::Tensor& weight, const at::Tensor& mask, int64_t k) {
+  static auto handle = op("sparsemom::magnitude_prune")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return handle.call(weight, mask, k);
+}
+
+at::Tensor momentum_grow(const at::Tensor& score, const at::Tensor& mask, int64_t k) {
+  static auto handle = op("sparsemom::momentum_grow")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return handle.call(score, mask, k);
+}
+
+at::Tensor set_prune(const at::Tensor& weight, const at::Tensor& mask, int64_t k) {
+  static auto handle = op("sparsemom::set_prune")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return handle.call(weight, mask, k);
+}
+
 int64_t cuda_version() {
   static auto handle = op("sparsemom::cuda_version").typed<int64_t()>();
   return handle.call();
@@ -202,12 +220,33 @@ at::Tensor adam_reference(at::Tensor p, at::Tensor g, AdamState& s, const OptTen
   return mask.has_value() ? where_mask(*mask, p) : p;
 }
 
+// |x| as the integer its bits spell (sign bit cleared), flat, as int64: the order
+// of every selection (NaN above inf).
+at::Tensor magnitude_bits(const at::Tensor& values) {
+  const bool wide = values.element_size() == 8;
+  const at::Tensor bits =
+      values.contiguous().view(wide ? at::kLong : at::kInt).reshape({-1}).to(at::kLong);
+  return bits.bitwise_and(wide ? INT64_MAX : int64_t(0x7fffffff));
+}
+
+// `mask` with the k `candidates` of smallest key set to `fill` (ties by lower
+// index: a stable sort of the candidates, which are in index order).
+at::Tensor select_reference(const at::Tensor& mask, const at::Tensor& candidates,
+                            const at::Tensor& key, int64_t k, bool fill) {
+  const at::Tensor index = at::nonzero(candidates.reshape({-1})).reshape({-1});
+  const at::Tensor order =
+      std::get<1>(at::sort(key.index_select(0, index), /*stable=*/true, 0, /*descending=*/false));
+  const at::Tensor chosen = index.index_select(0, order.slice(0, 0, k));
+  return mask.reshape({-1}).clone().index_fill_(0, chosen, fill).view(mask.sizes());
+}
+
 // ---- test cases ----
 
 void test_schemas() {
   for (const char* name : {"sparsemom::mask_apply_", "sparsemom::fused_sgd_step_",
-                           "sparsemom::fused_adam_step_", "sparsemom::cuda_version",
-                           "sparsemom::build_info"}) {
+                           "sparsemom::fused_adam_step_", "sparsemom::magnitude_prune",
+                           "sparsemom::momentum_grow", "sparsemom::set_prune",
+                           "sparsemom::cuda_version", "sparsemom::build_info"}) {
     const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
     check(handle.has_value(), std::string("schema ") + name + " is registered (library loaded?)");
   }
@@ -217,6 +256,11 @@ void test_schemas() {
         "fused_sgd_step_ has a CPU kernel");
   check(op("sparsemom::fused_adam_step_").hasKernelForDispatchKey(c10::DispatchKey::CPU),
         "fused_adam_step_ has a CPU kernel");
+  for (const char* name : {"magnitude_prune", "momentum_grow", "set_prune"}) {
+    check(op((std::string("sparsemom::") + name).c_str())
+              .hasKernelForDispatchKey(c10::DispatchKey::CPU),
+          std::string(name) + " has a CPU kernel");
+  }
 }
 
 void test_build_info() {
@@ -333,6 +377,36 @@ void test_adam(const at::TensorOptions& opts, int64_t n, bool decoupled, bool am
         "param is exactly zero at inactive positions");
 }
 
+// The selection ops against a stable sort of the integer keys; SET per side.
+// `tied`: values in {-2, ..., 2}, so most keys tie.
+void test_selection(const at::TensorOptions& opts, int64_t n, bool tied) {
+  const at::Tensor values = tied ? at::randint(-2, 3, {n}, opts) : at::randn({n}, opts);
+  const at::Tensor mask = at::rand({n}, opts) < 0.3;
+  const at::Tensor values_cpu = values.cpu();
+  const at::Tensor mask_cpu = mask.cpu();
+  const at::Tensor key = magnitude_bits(values_cpu);
+  const int64_t active = mask_cpu.sum().item<int64_t>();
+  for (const int64_t k : {int64_t(0), int64_t(1), active / 2 + 1, active}) {
+    check_equal(magnitude_prune(values, mask, k).cpu(),
+                select_reference(mask_cpu, mask_cpu, key, k, false),
+                "magnitude_prune k=" + std::to_string(k));
+  }
+  const int64_t inactive = n - active;
+  for (const int64_t k : {int64_t(0), int64_t(1), inactive / 3, inactive}) {
+    check_equal(momentum_grow(values, mask, k).cpu(),
+                select_reference(mask_cpu, mask_cpu.logical_not(), key.neg(), k, true),
+                "momentum_grow k=" + std::to_string(k));
+  }
+  // SET: ceil(k/2) closest to zero among weights >= 0, floor(k/2) among < 0
+  // (remainders move when a side runs out; not with these sizes).
+  const int64_t k = active / 2 + 1;
+  const at::Tensor nonnegative = mask_cpu.logical_and(values_cpu.ge(0));
+  const at::Tensor negative = mask_cpu.logical_and(values_cpu.lt(0));
+  const at::Tensor expected = select_reference(
+      select_reference(mask_cpu, nonnegative, key, k - k / 2, false), negative, key, k / 2, false);
+  check_equal(set_prune(values, mask, k).cpu(), expected, "set_prune k=" + std::to_string(k));
+}
+
 void test_bad_input(const at::TensorOptions& opts) {
   at::Tensor weight = at::randn({4, 5}, opts);
   const at::Tensor before = weight.clone();
@@ -383,6 +457,13 @@ void test_bad_input(const at::TensorOptions& opts) {
                          0.0, false, false, 0);
       },
       "step", "fused_adam_step_ with step 0");
+  const at::Tensor all_active = at::ones({4, 5}, opts.dtype(at::kBool));
+  const std::string k_msg = expect_error([&] { magnitude_prune(weight, all_active, 21); }, "k",
+                                         "magnitude_prune with k above the active count");
+  check(k_msg.find("(20)") != std::string::npos, "the error gives the count: " + k_msg);
+  expect_error([&] { momentum_grow(weight, all_active, 1); }, "inactive",
+               "momentum_grow with no inactive position");
+  expect_error([&] { set_prune(weight, all_active, -1); }, "k", "set_prune with k = -1");
   check(at::equal(weight, before), "param untouched after the rejected calls");
   check(buf.eq(0).all().item<bool>() && m.eq(0).all().item<bool>() && v.eq(0).all().item<bool>(),
         "optimizer state untouched after the rejected calls");
@@ -408,6 +489,9 @@ void run_device_tests(const at::TensorOptions& base, const std::string& device) 
              [&] { test_adam(opts, 1001, true, false, 5); });
     run_case("fused_adam_step_ " + tag + " Adam amsgrad step 3",
              [&] { test_adam(opts, 1001, false, true, 3); });
+    run_case("selection " + tag, [&] { test_selection(opts, 100003, false); });
+    run_case("selection " + tag + " tied values", [&] { test_selection(opts, 100003, true); });
+    run_case("selection " + tag + " small", [&] { test_selection(opts, 1001, true); });
   }
   run_case("mask_apply_ " + device + " all dtypes", [&] { test_mask_apply_dtypes(base); });
   run_case("bad input " + device, [&] { test_bad_input(base.dtype(at::kFloat)); });
