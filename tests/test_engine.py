@@ -24,7 +24,7 @@ def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
         if isinstance(module, torch.nn.Linear):
             if tie_values:  # few distinct magnitudes: ties everywhere
                 with torch.no_grad():
-                    module.weight.copy_(torch.randint(-2, 3, module.weight.shape, generator=g).double())
+                    module.weight.copy_(0.1 * torch.randint(-2, 3, module.weight.shape, generator=g).double())
             mask = torch.rand(module.weight.shape, generator=g) < density
             sm.attach_mask(module.weight, mask)
             sm.mask_apply_(module.weight.data, mask)
@@ -113,7 +113,8 @@ def test_update_matches_straightforward_python(opt_name, tie_values):
 )
 def test_property_counts_are_exact_and_nothing_drifts(sizes, density, rate, growth, prune, redistribution, seed):
     model = masked_model(sizes=tuple(sizes), density=density, seed=seed, tie_values=seed % 2 == 0)
-    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # A small step: the check is about the engine, so training must not diverge.
+    opt = sm.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     engine = SparseMomentum(model, opt, prune_rate=rate, update_every=2, total_steps=7, decay="linear",
                             growth=growth, prune=prune, redistribution=redistribution, seed=seed)
     total = sum(int(w.mask.sum()) for w in engine.weights)
