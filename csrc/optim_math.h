@@ -10,16 +10,10 @@
 
 #include <c10/macros/Macros.h>
 
+#include "inline_bits.h"
+
 #include <cmath>
 #include <cstdint>
-
-// The element functions must inline into the CPU loops: a call per element
-// keeps GCC from vectorising them (they exceed its default inline budget).
-#if defined(__CUDACC__)
-#define SPARSEMOM_ELEMENT_INLINE __forceinline__
-#else
-#define SPARSEMOM_ELEMENT_INLINE __attribute__((always_inline)) inline
-#endif
 
 namespace sparsemom {
 
@@ -105,7 +99,7 @@ AdamCoeffs<opmath_t> make_adam_coeffs(const AdamHyper& h) {
 // updates *buf when momentum is on (buf != nullptr). The buffer of an inactive
 // position is updated like any other: sparse momentum grows from it.
 template <typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE SPARSEMOM_ELEMENT_INLINE scalar_t sgd_element(scalar_t param, scalar_t grad, scalar_t* buf,
+C10_HOST_DEVICE SPARSEMOM_FORCE_INLINE scalar_t sgd_element(scalar_t param, scalar_t grad, scalar_t* buf,
                                             bool active, const SgdCoeffs<opmath_t>& c) {
   opmath_t p = static_cast<opmath_t>(param);
   opmath_t g = static_cast<opmath_t>(grad);
@@ -128,7 +122,7 @@ C10_HOST_DEVICE SPARSEMOM_ELEMENT_INLINE scalar_t sgd_element(scalar_t param, sc
 // and updates the moments (and the running max of the second moment when
 // max_exp_avg_sq != nullptr, i.e. amsgrad).
 template <typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE SPARSEMOM_ELEMENT_INLINE scalar_t adam_element(scalar_t param, scalar_t grad, scalar_t* exp_avg,
+C10_HOST_DEVICE SPARSEMOM_FORCE_INLINE scalar_t adam_element(scalar_t param, scalar_t grad, scalar_t* exp_avg,
                                              scalar_t* exp_avg_sq, scalar_t* max_exp_avg_sq,
                                              bool active, const AdamCoeffs<opmath_t>& c) {
   using std::sqrt;

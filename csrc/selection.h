@@ -16,10 +16,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "inline_bits.h"
+
 #if defined(__CUDACC__)
-#define SPARSEMOM_SELECT_INLINE __host__ __device__ __forceinline__
+#define SPARSEMOM_SELECT_INLINE __host__ __device__ SPARSEMOM_FORCE_INLINE
 #else
-#define SPARSEMOM_SELECT_INLINE __attribute__((always_inline)) inline
+#define SPARSEMOM_SELECT_INLINE SPARSEMOM_FORCE_INLINE
 #endif
 
 namespace sparsemom::selection {
@@ -35,14 +37,7 @@ constexpr int kMaxPasses = (63 + kDigitBits - 1) / kDigitBits;
 
 enum class SelectKind { kMagnitudePrune, kMomentumGrow, kSetPrune };
 
-template <int kBytes>
-struct BitsOfSize;
-template <>
-struct BitsOfSize<2> { using type = uint16_t; };
-template <>
-struct BitsOfSize<4> { using type = uint32_t; };
-template <>
-struct BitsOfSize<8> { using type = uint64_t; };
+using ::sparsemom::BitsOfSize;
 
 template <typename bits_t>
 struct KeyTraits {

@@ -33,7 +33,7 @@ struct SgdArgs {
 // members) and ivdep tells the vectoriser the arrays do not overlap, which the
 // run-time alias checks it would otherwise emit for 5-6 arrays give up on.
 template <bool kHasBuf, bool kHasMask, typename Args>
-inline __attribute__((always_inline)) void sgd_loop(const Args& a, int64_t begin, int64_t end) {
+SPARSEMOM_FORCE_INLINE void sgd_loop(const Args& a, int64_t begin, int64_t end) {
   using scalar_t = typename Args::value_type;
   scalar_t* __restrict__ param = a.param;
   const scalar_t* __restrict__ grad = a.grad;
@@ -48,7 +48,7 @@ inline __attribute__((always_inline)) void sgd_loop(const Args& a, int64_t begin
 }
 
 template <typename Args>
-inline __attribute__((always_inline)) void sgd_range(const Args& a, int64_t begin, int64_t end) {
+SPARSEMOM_FORCE_INLINE void sgd_range(const Args& a, int64_t begin, int64_t end) {
   if (a.buf != nullptr) {
     a.mask != nullptr ? sgd_loop<true, true>(a, begin, end) : sgd_loop<true, false>(a, begin, end);
   } else {
@@ -71,7 +71,7 @@ struct AdamArgs {
 };
 
 template <bool kAmsgrad, bool kHasMask, typename Args>
-inline __attribute__((always_inline)) void adam_loop(const Args& a, int64_t begin, int64_t end) {
+SPARSEMOM_FORCE_INLINE void adam_loop(const Args& a, int64_t begin, int64_t end) {
   using scalar_t = typename Args::value_type;
   scalar_t* __restrict__ param = a.param;
   const scalar_t* __restrict__ grad = a.grad;
@@ -89,7 +89,7 @@ inline __attribute__((always_inline)) void adam_loop(const Args& a, int64_t begi
 }
 
 template <typename Args>
-inline __attribute__((always_inline)) void adam_range(const Args& a, int64_t begin, int64_t end) {
+SPARSEMOM_FORCE_INLINE void adam_range(const Args& a, int64_t begin, int64_t end) {
   if (a.max_exp_avg_sq != nullptr) {
     a.mask != nullptr ? adam_loop<true, true>(a, begin, end) : adam_loop<true, false>(a, begin, end);
   } else {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../inline_bits.h"
 #include "../sparsemom.h"
 #include "cpu_isa.h"
 
@@ -16,18 +17,9 @@ namespace {
 // all-ones/all-zeros word gives +0 at inactive positions branch-free, which
 // vectorises; a `mask ? w : 0` loop compiles to a branch per element that
 // mispredicts on random masks.
-template <size_t kBytes>
-struct UnsignedOfSize;
-template <>
-struct UnsignedOfSize<2> { using type = uint16_t; };
-template <>
-struct UnsignedOfSize<4> { using type = uint32_t; };
-template <>
-struct UnsignedOfSize<8> { using type = uint64_t; };
-
 template <typename scalar_t>
 struct MaskApplyArgs {
-  using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
+  using bits_t = typename BitsOfSize<sizeof(scalar_t)>::type;
   bits_t* __restrict__ weight;
   // Read as bytes and compared with 0: a bool tensor viewed from uint8 may hold
   // other nonzero values, which count as true, as they do on CUDA.
@@ -35,7 +27,7 @@ struct MaskApplyArgs {
 };
 
 template <typename Args>
-inline __attribute__((always_inline)) void mask_apply_range(const Args& a, int64_t begin,
+SPARSEMOM_FORCE_INLINE void mask_apply_range(const Args& a, int64_t begin,
                                                             int64_t end) {
   using bits_t = typename Args::bits_t;
   for (int64_t i = begin; i < end; ++i) a.weight[i] &= -static_cast<bits_t>(a.mask[i] != 0);

@@ -115,7 +115,7 @@ struct LoopParams {
 };
 
 template <typename Args>
-inline __attribute__((always_inline)) void selection_histogram_range(const Args& a, int64_t begin,
+SPARSEMOM_FORCE_INLINE void selection_histogram_range(const Args& a, int64_t begin,
                                                                      int64_t end) {
   using bits_t = typename Args::bits_t;
   constexpr int C = Args::kClasses;
@@ -136,7 +136,7 @@ inline __attribute__((always_inline)) void selection_histogram_range(const Args&
 SPARSEMOM_DEFINE_ISA_VARIANTS(selection_histogram_range)
 
 template <typename Args>
-inline __attribute__((always_inline)) void selection_mark_range(const Args& a, int64_t begin,
+SPARSEMOM_FORCE_INLINE void selection_mark_range(const Args& a, int64_t begin,
                                                                 int64_t end) {
   constexpr int C = Args::kClasses;
   const LoopParams<Args> p(a);
@@ -151,7 +151,7 @@ SPARSEMOM_DEFINE_ISA_VARIANTS(selection_mark_range)
 // A running rank per class makes this loop serial; it only runs when a single
 // key straddles the threshold.
 template <typename Args>
-inline __attribute__((always_inline)) void selection_mark_ties_range(const Args& a, int64_t begin,
+SPARSEMOM_FORCE_INLINE void selection_mark_ties_range(const Args& a, int64_t begin,
                                                                      int64_t end) {
   constexpr int C = Args::kClasses;
   const LoopParams<Args> p(a);
@@ -173,7 +173,7 @@ SPARSEMOM_DEFINE_ISA_VARIANTS(selection_mark_ties_range)
 // range members (class + 1) in a small buffer, collected afterwards by a
 // scan that skips 8 clear flags at a time.
 template <typename Args>
-inline __attribute__((always_inline)) void selection_mark_gather_range(const Args& a, int64_t begin,
+SPARSEMOM_FORCE_INLINE void selection_mark_gather_range(const Args& a, int64_t begin,
                                                                        int64_t end) {
   constexpr int C = Args::kClasses;
   constexpr int64_t kBlock = 512;
@@ -239,7 +239,7 @@ SPARSEMOM_DEFINE_ISA_VARIANTS(selection_mark_gather_range)
 // Per-class counts of the sample's candidates by the top `shift`-shifted
 // bits of their keys.
 template <typename Args>
-inline __attribute__((always_inline)) void selection_sample_range(const Args& a, int64_t begin,
+SPARSEMOM_FORCE_INLINE void selection_sample_range(const Args& a, int64_t begin,
                                                                   int64_t end) {
   uint32_t* __restrict__ hist = a.hist;
   const auto source = a.source;
