@@ -304,3 +304,34 @@ def test_history_logs_every_layer_of_every_update():
     assert [line.split()[1] for line in lines[1:]] == [w.name for w in engine.weights]
     assert all(line.split()[0] == "4" for line in lines[1:])
     assert sum(r.statistic for r in engine.history[-3:]) == pytest.approx(1.0)
+
+
+def test_nothing_assumes_cuda(monkeypatch):
+    # The reference code hard-codes .cuda(); here a CPU run must never touch CUDA.
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("CUDA was used in a CPU run")
+
+    monkeypatch.setattr(torch.Tensor, "cuda", no_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    sm.sparsify(model, density=0.3, distribution="er", generator=torch.Generator().manual_seed(0))
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, update_every=1, total_steps=4, growth="random")
+    train_steps(model.double(), opt, engine, steps=3)
+    assert engine.updates == 3
+
+
+def test_failed_update_leaves_masks_and_weights_as_they_were():
+    model = masked_model()
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, total_steps=10, growth="gradient")
+    train_steps(model, opt, engine, steps=2)
+    engine.weights[-1].param.grad = None  # the last layer cannot be grown by gradient
+    masks_before = masks_of(model)
+    weights_before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="growth='gradient' needs the gradient of '4.weight'"):
+        engine.update()
+    assert all(torch.equal(a, b) for a, b in zip(masks_before, masks_of(model)))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights_before[name]), name
+    assert engine.updates == 0 and engine.history == []
