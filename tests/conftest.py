@@ -51,3 +51,12 @@ def tolerances(dtype):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def run_opcheck(samples) -> int:
+    """torch.library.opcheck on every (op, args) sample; returns how many were checked."""
+    count = 0
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+        count += 1
+    return count
