@@ -3,8 +3,13 @@
 #include "sparsemom.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
 #include <initializer_list>
 #include <utility>
 
@@ -155,6 +160,154 @@ void check_selection_args(const at::Tensor& values, const char* values_name,
 void check_selection_k(int64_t k, int64_t available, const char* what) {
   TORCH_CHECK_VALUE(k <= available, "k must be at most the number of ", what, " (", available,
                     "), got k=", k);
+}
+
+// ------------------------------------------------------------------ sparse matmul
+
+namespace {
+
+void check_index_vector(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " must be a dense (strided) tensor, got ",
+                    t.layout());
+  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
+}
+
+void check_structure(const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  check_index_vector(row_ptr, "row_ptr");
+  check_index_vector(col_idx, "col_idx");
+  TORCH_CHECK_VALUE(row_ptr.numel() >= 1, "row_ptr must have n_rows + 1 >= 1 entries, got 0");
+  check_same_device(col_idx, "col_idx", row_ptr, "row_ptr");
+  TORCH_CHECK_VALUE(col_idx.numel() <= std::numeric_limits<int32_t>::max(),
+                    "col_idx: at most 2^31 - 1 nonzeros are supported, got ", col_idx.numel());
+}
+
+void check_dense_2d(const at::Tensor& t, const char* name) {
+  check_weight_like(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D (batch, features), got shape ", t.sizes());
+}
+
+}  // namespace
+
+void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                         const at::Tensor& values, const std::optional<at::Tensor>& value_perm,
+                         const std::optional<at::Tensor>& bias) {
+  check_dense_2d(x, "x");
+  check_structure(row_ptr, col_idx);
+  check_same_device(row_ptr, "row_ptr", x, "x");
+  check_weight_like(values, "values");
+  TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D (nnz), got shape ", values.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "values must have the dtype of x (",
+                   x.scalar_type(), "), got ", values.scalar_type());
+  check_same_device(values, "values", x, "x");
+  TORCH_CHECK_VALUE(values.numel() == col_idx.numel(), "values must have one entry per nonzero (",
+                    "col_idx has ", col_idx.numel(), "), got ", values.numel());
+  if (value_perm.has_value()) {
+    check_index_vector(*value_perm, "value_perm");
+    check_same_device(*value_perm, "value_perm", x, "x");
+    TORCH_CHECK_VALUE(value_perm->numel() == col_idx.numel(),
+                      "value_perm must have one entry per nonzero (col_idx has ", col_idx.numel(),
+                      "), got ", value_perm->numel());
+  }
+  if (bias.has_value()) {
+    check_weight_like(*bias, "bias");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (",
+                     x.scalar_type(), "), got ", bias->scalar_type());
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == row_ptr.numel() - 1,
+                      "bias must have shape (n_rows,) = (", row_ptr.numel() - 1, ",), got ",
+                      bias->sizes());
+  }
+}
+
+void check_csr_sddmm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx) {
+  check_dense_2d(a, "a");
+  check_dense_2d(b, "b");
+  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "b must have the dtype of a (",
+                   a.scalar_type(), "), got ", b.scalar_type());
+  check_same_device(b, "b", a, "a");
+  TORCH_CHECK_VALUE(b.size(0) == a.size(0), "b must have the batch size of a (", a.size(0),
+                    "), got shape ", b.sizes());
+  check_structure(row_ptr, col_idx);
+  check_same_device(row_ptr, "row_ptr", a, "a");
+  TORCH_CHECK_VALUE(a.size(1) == row_ptr.numel() - 1, "a must have n_rows = ", row_ptr.numel() - 1,
+                    " columns (row_ptr has n_rows + 1 entries), got shape ", a.sizes());
+}
+
+void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols) {
+  check_structure(row_ptr, col_idx);
+  TORCH_CHECK_VALUE(n_cols >= 0 && n_cols <= std::numeric_limits<int32_t>::max(),
+                    "n_cols must be in [0, 2^31 - 1], got ", n_cols);
+}
+
+void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols,
+                       const at::Tensor& value_perm) {
+  const int64_t nnz = col_idx.numel();
+  // One host transfer for every check: [first, last, min diff, min col, max col, min perm, max perm].
+  std::vector<at::Tensor> parts{row_ptr.select(0, 0).to(at::kLong).reshape({1}),
+                                row_ptr.select(0, -1).to(at::kLong).reshape({1})};
+  parts.push_back(row_ptr.numel() > 1 ? row_ptr.diff().min().to(at::kLong).reshape({1})
+                                      : at::zeros({1}, row_ptr.options().dtype(at::kLong)));
+  if (nnz > 0) {
+    parts.push_back(col_idx.min().to(at::kLong).reshape({1}));
+    parts.push_back(col_idx.max().to(at::kLong).reshape({1}));
+  }
+  if (value_perm.defined() && nnz > 0) {
+    parts.push_back(value_perm.min().to(at::kLong).reshape({1}));
+    parts.push_back(value_perm.max().to(at::kLong).reshape({1}));
+  }
+  const at::Tensor host = at::cat(parts).cpu();
+  const int64_t* h = host.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(h[0] == 0, "row_ptr must start at 0, got row_ptr[0]=", h[0]);
+  TORCH_CHECK_VALUE(h[1] == nnz, "row_ptr must end at nnz = col_idx.numel() = ", nnz,
+                    ", got row_ptr[-1]=", h[1]);
+  TORCH_CHECK_VALUE(h[2] >= 0, "row_ptr must be non-decreasing (a row cannot have a negative "
+                    "number of nonzeros)");
+  if (nnz > 0) {
+    TORCH_CHECK_VALUE(h[3] >= 0 && h[4] < n_cols, "col_idx must be in [0, n_cols = ", n_cols,
+                      "), got values in [", h[3], ", ", h[4], "]");
+  }
+  if (value_perm.defined() && nnz > 0) {
+    TORCH_CHECK_VALUE(h[5] >= 0 && h[6] < nnz, "value_perm must be in [0, nnz = ", nnz,
+                      "), got values in [", h[5], ", ", h[6], "]");
+  }
+}
+
+void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,
+                            int64_t nnz, int64_t n_cols, const int32_t* value_perm) {
+  TORCH_CHECK_VALUE(row_ptr[0] == 0, "row_ptr must start at 0, got row_ptr[0]=", row_ptr[0]);
+  TORCH_CHECK_VALUE(row_ptr[n_rows] == nnz, "row_ptr must end at nnz = col_idx.numel() = ", nnz,
+                    ", got row_ptr[-1]=", row_ptr[n_rows]);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    TORCH_CHECK_VALUE(row_ptr[r + 1] >= row_ptr[r], "row_ptr must be non-decreasing, got row_ptr[",
+                      r, "]=", row_ptr[r], " > row_ptr[", r + 1, "]=", row_ptr[r + 1]);
+  }
+  // Unsigned compare: one branch catches negative and too-large indices; the
+  // loop has no early exit so it vectorises, and the message is built after.
+  const auto n_cols_u = static_cast<uint32_t>(n_cols);
+  uint32_t bad = 0;
+  for (int64_t k = 0; k < nnz; ++k) bad |= static_cast<uint32_t>(col_idx[k]) >= n_cols_u;
+  if (bad) {
+    for (int64_t k = 0; k < nnz; ++k) {
+      TORCH_CHECK_VALUE(col_idx[k] >= 0 && col_idx[k] < n_cols, "col_idx must be in [0, n_cols = ",
+                        n_cols, "), got col_idx[", k, "]=", col_idx[k]);
+    }
+  }
+  if (value_perm != nullptr) {
+    const auto nnz_u = static_cast<uint32_t>(nnz);
+    for (int64_t k = 0; k < nnz; ++k) {
+      TORCH_CHECK_VALUE(static_cast<uint32_t>(value_perm[k]) < nnz_u, "value_perm must be in [0, nnz = ",
+                        nnz, "), got value_perm[", k, "]=", value_perm[k]);
+    }
+  }
 }
 
 }  // namespace sparsemom

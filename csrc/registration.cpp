@@ -76,6 +76,24 @@ TORCH_LIBRARY(sparsemom, m) {
   m.def("magnitude_prune(Tensor weight, Tensor mask, int k) -> Tensor");
   m.def("momentum_grow(Tensor score, Tensor mask, int k) -> Tensor");
   m.def("set_prune(Tensor weight, Tensor mask, int k) -> Tensor");
+  // Sparse matmul with W in CSR (row_ptr, col_idx: int32; values: nnz). Dense
+  // operands are (batch, features) of any strides; results are (batch, n_rows)
+  // stored feature-major (strides (1, batch)), the layout the kernels read.
+  // csr_spmm: y = x W^T + bias, with values[value_perm[k]] as nonzero k when
+  // value_perm is given (a transposed structure sharing the CSR values).
+  m.def(
+      "csr_spmm(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? value_perm, "
+      "Tensor? bias) -> Tensor");
+  // csr_sddmm: out[k] = sum over the batch of a[:, row(k)] * b[:, col_idx[k]].
+  m.def("csr_sddmm(Tensor a, Tensor b, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // csr_transpose: the CSC structure (col_ptr, row_idx) and perm, CSC position ->
+  // CSR position, so that values[perm] are the values in CSC order.
+  m.def("csr_transpose(Tensor row_ptr, Tensor col_idx, int n_cols) -> (Tensor, Tensor, Tensor)");
+  // csr_linear: csr_spmm with autograd (x, values, bias); the transposed structure
+  // (from csr_transpose) serves the grad of x.
+  m.def(
+      "csr_linear(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor row_idx, Tensor perm) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
   m.def("build_info() -> str", &build_info);
 }

@@ -34,6 +34,26 @@ void check_selection_args(const at::Tensor& values, const char* values_name,
 // kernel's first pass (`what`: e.g. "active positions in mask").
 void check_selection_k(int64_t k, int64_t available, const char* what);
 
+// Sparse matmul ops. A CSR structure is `row_ptr` (int32, n_rows + 1) and
+// `col_idx` (int32, nnz) on one device; `values` (nnz) hold the nonzeros in
+// that order. Shapes, dtypes and devices are checked here for every backend;
+// the index contents (row_ptr starts at 0, never decreases, ends at nnz;
+// 0 <= col_idx < n_cols; 0 <= value_perm < nnz) by check_csr_content, which
+// reads them (the CPU kernels check host memory with check_csr_content_host
+// in the pass they make anyway).
+void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                         const at::Tensor& values, const std::optional<at::Tensor>& value_perm,
+                         const std::optional<at::Tensor>& bias);
+void check_csr_sddmm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx);
+void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols);
+// Index contents with tensor ops (any device; one host sync). `value_perm` may be undefined.
+void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols,
+                       const at::Tensor& value_perm);
+// The same on host memory, O(n_rows + nnz). `value_perm` may be nullptr.
+void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,
+                            int64_t nnz, int64_t n_cols, const int32_t* value_perm);
+
 // Kernels work on dense memory. An in-place argument that is not contiguous is
 // updated in a contiguous copy (`work = target.contiguous()`) and written back
 // here; for a contiguous argument `work` is `target` itself and nothing is copied.

@@ -7,14 +7,25 @@ All ops here are deterministic on CPU and CUDA: the elementwise ops use no atomi
 and the selection ops (:func:`magnitude_prune`, :func:`momentum_grow`,
 :func:`set_prune`) use atomics only to count (on CUDA) and break every tie by flat
 index, so their result never depends on thread count, block scheduling or the device.
+
+The sparse matmul ops (:func:`csr_spmm`, :func:`csr_sddmm`, :func:`csr_linear`) are
+deterministic on CPU: every output element is summed by one thread in a fixed order.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "csr_from_mask",
+    "csr_linear",
+    "csr_sddmm",
+    "csr_spmm",
+    "csr_to_dense",
+    "csr_to_mask",
+    "csr_transpose",
+    "csr_values_from_dense",
     "fused_adam_step_",
     "fused_sgd_step_",
     "magnitude_prune",
@@ -217,3 +228,169 @@ def _momentum_grow_fake(score, mask, k):
 @torch.library.register_fake("sparsemom::set_prune")
 def _set_prune_fake(weight, mask, k):
     return _selection_fake(weight, "weight", mask, k)
+
+
+# --------------------------------------------------------------------------- sparse matmul
+_CSR_RULES = """
+    A CSR structure is ``row_ptr`` (int32, ``n_rows + 1`` entries, starting at 0,
+    non-decreasing, ending at nnz) and ``col_idx`` (int32, nnz entries in
+    ``[0, n_cols)``), on the device of the dense operands; violations raise
+    ``ValueError`` naming the argument. Column indices need not be sorted within a row;
+    repeated ones add up. Dense operands are ``(batch, features)`` of any strides and
+    of one float dtype (float32, float64, float16, bfloat16); float16/bfloat16 are
+    accumulated in float32. Results that are matrices are ``(batch, n_rows)`` tensors
+    stored feature-major (strides ``(1, batch)``, i.e. the transpose of a contiguous
+    ``(n_rows, batch)`` tensor): the layout the kernels read, so a chain of sparse layers
+    never transposes. Call ``.contiguous()`` where a row-major result is needed.
+"""
+
+
+def csr_spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
+             value_perm: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W.T + bias`` for ``W`` (``n_rows x x.shape[1]``) in CSR: ``(batch, n_rows)``.
+
+    Nonzero ``k`` of the structure is ``values[k]``, or ``values[value_perm[k]]`` when
+    ``value_perm`` is given: with the transposed structure of :func:`csr_transpose`
+    this multiplies by ``W.T`` (``dy @ W``) reading the CSR values in place.
+    """
+    return torch.ops.sparsemom.csr_spmm(x, row_ptr, col_idx, values, value_perm, bias)
+
+
+def csr_sddmm(a: Tensor, b: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    """``(a.T @ b)`` sampled at the structure's nonzeros: a new contiguous ``(nnz,)`` tensor.
+
+    ``out[k] = sum_i a[i, row(k)] * b[i, col_idx[k]]`` with ``a`` ``(batch, n_rows)``
+    and ``b`` ``(batch, n_cols)``: the gradient of the values of ``y = x @ W.T`` is
+    ``csr_sddmm(grad_y, x, row_ptr, col_idx)``. Nothing of size ``n_rows x n_cols`` is formed.
+    """
+    return torch.ops.sparsemom.csr_sddmm(a, b, row_ptr, col_idx)
+
+
+def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The transposed (CSC) structure ``(col_ptr, row_idx, perm)``, all int32.
+
+    ``col_ptr`` has ``n_cols + 1`` entries; within a column the rows are increasing;
+    ``perm[j]`` is the CSR position of CSC position ``j``, so ``values[perm]`` are the
+    values in CSC order. Built in O(nnz + n_cols) by a counting sort; cache it for as
+    long as the structure does not change.
+    """
+    return torch.ops.sparsemom.csr_transpose(row_ptr, col_idx, n_cols)
+
+
+def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
+               col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tensor:
+    """``x @ W.T + bias`` (``x``: ``(*, in_features)``) with autograd for ``x``, ``values``, ``bias``.
+
+    ``(col_ptr, row_idx, perm)`` is ``csr_transpose(row_ptr, col_idx, in_features)``:
+    the gradient of ``x`` is :func:`csr_spmm` on it, the gradient of ``values``
+    :func:`csr_sddmm`. Leading dimensions of ``x`` are flattened into the batch; the result
+    is ``(*, n_rows)``, feature-major in memory.
+    """
+    lead = x.shape[:-1]
+    y = torch.ops.sparsemom.csr_linear(x.reshape(-1, x.shape[-1]), values, bias, row_ptr, col_idx,
+                                       col_ptr, row_idx, perm)
+    return y.reshape(*lead, y.shape[-1])
+
+
+for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear):
+    if _fn.__doc__ is not None:
+        _fn.__doc__ += _CSR_RULES
+
+
+# Conversions: torch ops (any device), used when a structure is built or changes,
+# never per step. Row-major order of the mask is CSR order.
+def csr_from_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(row_ptr, col_idx)`` (int32) of the True entries of a 2-D bool ``mask``, columns sorted."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+    counts = mask.sum(dim=1, dtype=torch.int32)
+    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
+    col_idx = mask.nonzero()[:, 1].to(torch.int32)
+    return row_ptr, col_idx
+
+
+def _row_of_each_nonzero(row_ptr: Tensor) -> Tensor:
+    counts = row_ptr.diff().long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+
+
+def csr_to_mask(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """The ``(n_rows, n_cols)`` bool mask of a CSR structure."""
+    mask = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=torch.bool, device=row_ptr.device)
+    mask[_row_of_each_nonzero(row_ptr), col_idx.long()] = True
+    return mask
+
+
+def csr_values_from_dense(weight: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    """The entries of a dense 2-D ``weight`` at the structure's positions, in CSR order."""
+    return weight[_row_of_each_nonzero(row_ptr), col_idx.long()]
+
+
+def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """The dense ``(n_rows, n_cols)`` matrix, zero off the structure (repeated positions add up)."""
+    dense = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=values.dtype, device=values.device)
+    dense.index_put_((_row_of_each_nonzero(row_ptr), col_idx.long()), values, accumulate=True)
+    return dense
+
+
+def _csr_fake_checks(row_ptr: Tensor, col_idx: Tensor) -> None:
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        torch._check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}")
+        torch._check(t.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(t.shape)}")
+
+
+@torch.library.register_fake("sparsemom::csr_spmm")
+def _csr_spmm_fake(x, row_ptr, col_idx, values, value_perm, bias):
+    _csr_fake_checks(row_ptr, col_idx)
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D (batch, features), got shape {tuple(x.shape)}")
+    torch._check(values.dtype == x.dtype, lambda: f"values must have the dtype of x ({x.dtype}), got {values.dtype}")
+    torch._check(values.shape == col_idx.shape,
+                 lambda: f"values must have one entry per nonzero ({col_idx.numel()}), got {values.numel()}")
+    return x.new_empty((row_ptr.shape[0] - 1, x.shape[0])).t()
+
+
+@torch.library.register_fake("sparsemom::csr_sddmm")
+def _csr_sddmm_fake(a, b, row_ptr, col_idx):
+    _csr_fake_checks(row_ptr, col_idx)
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "a and b must be 2-D (batch, features)")
+    torch._check(b.dtype == a.dtype, lambda: f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+    torch._check(a.shape[0] == b.shape[0], lambda: f"b must have the batch size of a ({a.shape[0]}), got {b.shape[0]}")
+    torch._check(a.shape[1] == row_ptr.shape[0] - 1,
+                 lambda: f"a must have n_rows = {row_ptr.shape[0] - 1} columns, got shape {tuple(a.shape)}")
+    return a.new_empty(col_idx.shape)
+
+
+@torch.library.register_fake("sparsemom::csr_transpose")
+def _csr_transpose_fake(row_ptr, col_idx, n_cols):
+    _csr_fake_checks(row_ptr, col_idx)
+    torch._check(n_cols >= 0, lambda: f"n_cols must be >= 0, got {n_cols}")
+    return (row_ptr.new_empty((n_cols + 1,)), col_idx.new_empty(col_idx.shape),
+            col_idx.new_empty(col_idx.shape))
+
+
+@torch.library.register_fake("sparsemom::csr_linear")
+def _csr_linear_fake(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm):
+    return _csr_spmm_fake(x, row_ptr, col_idx, values, None, bias)
+
+
+def _csr_linear_setup_context(ctx, inputs, output):
+    x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
+
+
+def _csr_linear_backward(ctx, grad):
+    x, values, row_ptr, col_idx, col_ptr, row_idx, perm = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.sparsemom.csr_spmm(grad, col_ptr, row_idx, values, perm, None)
+    if ctx.needs_input_grad[1]:
+        grad_values = torch.ops.sparsemom.csr_sddmm(grad, x, row_ptr, col_idx)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum(0)
+    return grad_x, grad_values, grad_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("sparsemom::csr_linear", _csr_linear_backward,
+                                setup_context=_csr_linear_setup_context)

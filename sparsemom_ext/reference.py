@@ -163,3 +163,47 @@ def set_prune(weight: Tensor, mask: Tensor, k: int) -> Tensor:
     _remove_smallest(mask_flat, out, positive, magnitude, from_positive)
     _remove_smallest(mask_flat, out, negative, magnitude, from_negative)
     return out.reshape(mask.shape)
+
+
+# --------------------------------------------------------------------------- sparse matmul
+def _csr_dense_opmath(row_ptr: Tensor, col_idx: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+                                   row_ptr.diff().long())
+    dense = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=_opmath(values).dtype, device=values.device)
+    return dense.index_put_((rows, col_idx.long()), _opmath(values), accumulate=True)
+
+
+def csr_spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
+             value_perm: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    if value_perm is not None:
+        values = values[value_perm.long()]
+    y = _opmath(x) @ _csr_dense_opmath(row_ptr, col_idx, values, x.shape[1]).T
+    if bias is not None:
+        y = y + _opmath(bias)
+    return y.to(x.dtype)
+
+
+def csr_sddmm(a: Tensor, b: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+                                   row_ptr.diff().long())
+    return (_opmath(a)[:, rows] * _opmath(b)[:, col_idx.long()]).sum(0).to(a.dtype)
+
+
+def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int):
+    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+                                   row_ptr.diff().long())
+    # Stable sort by column keeps the rows increasing within a column.
+    perm = torch.sort(col_idx.long(), stable=True).indices
+    counts = torch.bincount(col_idx.long(), minlength=n_cols)
+    col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return col_ptr.int(), rows[perm].int(), perm.int()
+
+
+def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
+               col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tensor:
+    """Differentiable in x, values and bias (plain torch autograd)."""
+    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+                                   row_ptr.diff().long())
+    weight = torch.zeros(row_ptr.numel() - 1, x.shape[-1], dtype=values.dtype, device=values.device)
+    weight = weight.index_put((rows, col_idx.long()), values, accumulate=True)
+    return torch.nn.functional.linear(x, weight, bias)
