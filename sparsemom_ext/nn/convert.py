@@ -1,5 +1,6 @@
 """sparsify(): turn a model's Linear/Conv2d layers into sparse ones; density_report()."""
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple, Union
 
@@ -135,6 +136,14 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
                     "would untie it; pass the layer in exclude to keep it dense"
                 )
 
+    if layout == "csr":
+        convs = [name or "model" for name, module in layers if isinstance(module, nn.Conv2d)]
+        if convs:
+            raise ValueError(
+                f"layout='csr' is implemented for nn.Linear only; {', '.join(convs)} "
+                f"{'is an nn.Conv2d' if len(convs) == 1 else 'are nn.Conv2d'}: pass "
+                f"{'it' if len(convs) == 1 else 'them'} in exclude, or use layout='mask'"
+            )
     counts = layer_counts([module.weight.shape for _, module in layers], density, distribution)
     replacement = {}
     for (name, module), count in zip(layers, counts):
@@ -211,8 +220,8 @@ def density_report(model: nn.Module) -> DensityReport:
     rows: List[DensityRow] = []
     for name, module in model.named_modules():
         if isinstance(module, _SPARSE_TYPES):
-            nnz, numel = module.nnz, module.mask.numel()
-            rows.append(DensityRow(name, type(module).__name__, tuple(module.weight.shape), nnz, numel,
+            nnz, numel = module.nnz, math.prod(module.weight_shape)
+            rows.append(DensityRow(name, type(module).__name__, tuple(module.weight_shape), nnz, numel,
                                    nnz / numel if numel else 0.0))
     nnz = sum(r.nnz for r in rows)
     numel = sum(r.numel for r in rows)

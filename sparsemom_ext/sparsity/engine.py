@@ -182,6 +182,13 @@ class SparseMomentum:
     # ------------------------------------------------------------------ setup checks
     @staticmethod
     def _find_sparse_weights(model, optimizer) -> List[_SparseWeight]:
+        csr = [name or "model" for name, m in model.named_modules() if getattr(m, "layout", None) == "csr"]
+        if csr:
+            raise ValueError(
+                f"SparseMomentum works on layout='mask' layers; {', '.join(csr)} "
+                "use layout='csr', whose topology updates are not implemented yet: convert them with "
+                "layer.to_layout('mask') (or sparsify(..., layout='mask'))"
+            )
         weights = [_SparseWeight(name, p, mask_of(p)) for name, p in model.named_parameters()
                    if mask_of(p) is not None]
         if not weights:

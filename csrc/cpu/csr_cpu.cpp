@@ -1,0 +1,389 @@
+// csr_spmm / csr_sddmm / csr_transpose on CPU. SpMM and SDDMM read the dense
+// operands feature-major (a contiguous batch vector per feature), so each
+// nonzero costs one fused multiply-add per batch entry on contiguous memory:
+// O(nnz * batch) work, O(nnz + (n_rows + n_cols) * batch) memory traffic.
+// Rows are split over threads by nonzeros (not by row count), so skewed rows do
+// not idle a core; every output is summed by one thread in a fixed order
+// (deterministic, and bit-identical across the AVX-512 / AVX2 / baseline builds).
+// csr_transpose is a counting sort, O(nnz + n_cols).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../inline_bits.h"
+#include "../sparsemom.h"
+#include "cpu_isa.h"
+
+namespace sparsemom {
+namespace {
+
+struct SpmmArgs {
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  const float* values;
+  const int32_t* value_perm;  // nullptr: nonzero k is values[k]
+  const float* bias;          // nullptr: no bias
+  const float* xt;            // (n_cols, batch) contiguous
+  float* yt;                  // (n_rows, batch) contiguous
+  int64_t batch;
+  int64_t nnz;
+};
+
+struct SddmmArgs {
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  const float* at;  // (n_rows, batch) contiguous
+  const float* bt;  // (n_cols, batch) contiguous
+  float* out;       // (nnz,)
+  int64_t batch;
+  int64_t nnz;
+};
+
+// Batch entries per register tile: 8 vectors of 16 floats. A tile of the
+// feature-major input for a 4096-feature layer is then 2 MiB, about one core's L2.
+constexpr int64_t kTileLanes = 128;
+// How many nonzeros ahead the kernels prefetch the input tile they will read.
+constexpr int64_t kPrefetchAhead = 8;
+
+// ----------------------------------------------------------------- vector types
+// Each is 16 float lanes with the same per-lane arithmetic (one rounding per
+// fused multiply-add) and the same reduction tree (lanes i and i + 8, then
+// i + 4, i + 2, i + 1), which is what makes the ISAs agree to the bit.
+
+namespace isa_default {
+struct V {
+  float lane[16];
+  static SPARSEMOM_FORCE_INLINE V zero() { return broadcast(0.0f); }
+  static SPARSEMOM_FORCE_INLINE V broadcast(float x) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = x;
+    return r;
+  }
+  static SPARSEMOM_FORCE_INLINE V load(const float* p) { return load_partial(p, 16); }
+  static SPARSEMOM_FORCE_INLINE V load_partial(const float* p, int n) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = i < n ? p[i] : 0.0f;
+    return r;
+  }
+  SPARSEMOM_FORCE_INLINE void store(float* p) const { store_partial(p, 16); }
+  SPARSEMOM_FORCE_INLINE void store_partial(float* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = lane[i];
+  }
+  static SPARSEMOM_FORCE_INLINE V fma(const V& a, const V& b, const V& c) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
+    return r;
+  }
+  SPARSEMOM_FORCE_INLINE float reduce() const {
+    float s[8];
+    for (int i = 0; i < 8; ++i) s[i] = lane[i] + lane[i + 8];
+    for (int i = 0; i < 4; ++i) s[i] = s[i] + s[i + 4];
+    for (int i = 0; i < 2; ++i) s[i] = s[i] + s[i + 2];
+    return s[0] + s[1];
+  }
+};
+#include "csr_kernels.inc"
+}  // namespace isa_default
+
+#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
+// Sum of the 8 lanes of s as the tree above: (i, i+4), (i, i+2), (i, i+1).
+#define SPARSEMOM_REDUCE8(s)                                                          \
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)); \
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                            \
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+
+#if defined(__clang__)
+#define SPARSEMOM_BEGIN_TARGET(isa) \
+  _Pragma(SPARSEMOM_PRAGMA_STR(clang attribute push(__attribute__((target(isa))), apply_to = function)))
+#define SPARSEMOM_END_TARGET _Pragma("clang attribute pop")
+#else
+#define SPARSEMOM_BEGIN_TARGET(isa) \
+  _Pragma("GCC push_options") _Pragma(SPARSEMOM_PRAGMA_STR(GCC target(isa)))
+#define SPARSEMOM_END_TARGET _Pragma("GCC pop_options")
+#endif
+#define SPARSEMOM_PRAGMA_STR(...) #__VA_ARGS__
+
+SPARSEMOM_BEGIN_TARGET("avx2,fma")
+namespace isa_avx2 {
+// Two 8-lane halves: lanes 0-7 and 8-15 of the 16-lane vector.
+struct V {
+  __m256 lo, hi;
+  static SPARSEMOM_FORCE_INLINE __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static SPARSEMOM_FORCE_INLINE V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static SPARSEMOM_FORCE_INLINE V broadcast(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+  static SPARSEMOM_FORCE_INLINE V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static SPARSEMOM_FORCE_INLINE V load_partial(const float* p, int n) {
+    return {_mm256_maskload_ps(p, lanes_below(n)), _mm256_maskload_ps(p + 8, lanes_below(n - 8))};
+  }
+  SPARSEMOM_FORCE_INLINE void store(float* p) const {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+  }
+  SPARSEMOM_FORCE_INLINE void store_partial(float* p, int n) const {
+    _mm256_maskstore_ps(p, lanes_below(n), lo);
+    _mm256_maskstore_ps(p + 8, lanes_below(n - 8), hi);
+  }
+  static SPARSEMOM_FORCE_INLINE V fma(const V& a, const V& b, const V& c) {
+    return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+  }
+  SPARSEMOM_FORCE_INLINE float reduce() const {
+    const __m256 s = _mm256_add_ps(lo, hi);
+    SPARSEMOM_REDUCE8(s)
+  }
+};
+#include "csr_kernels.inc"
+}  // namespace isa_avx2
+SPARSEMOM_END_TARGET
+
+SPARSEMOM_BEGIN_TARGET("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace isa_avx512 {
+struct V {
+  __m512 v;
+  static SPARSEMOM_FORCE_INLINE __mmask16 lanes_below(int n) {
+    return static_cast<__mmask16>((1u << n) - 1u);
+  }
+  static SPARSEMOM_FORCE_INLINE V zero() { return {_mm512_setzero_ps()}; }
+  static SPARSEMOM_FORCE_INLINE V broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static SPARSEMOM_FORCE_INLINE V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static SPARSEMOM_FORCE_INLINE V load_partial(const float* p, int n) {
+    // mask_loadu from zeros, not maskz_loadu: the latter trips a false
+    // -Wmaybe-uninitialized inside GCC 12's own header.
+    return {_mm512_mask_loadu_ps(_mm512_setzero_ps(), lanes_below(n), p)};
+  }
+  SPARSEMOM_FORCE_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
+  SPARSEMOM_FORCE_INLINE void store_partial(float* p, int n) const {
+    _mm512_mask_storeu_ps(p, lanes_below(n), v);
+  }
+  static SPARSEMOM_FORCE_INLINE V fma(const V& a, const V& b, const V& c) {
+    return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+  }
+  SPARSEMOM_FORCE_INLINE float reduce() const {
+    const __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    SPARSEMOM_REDUCE8(s)
+  }
+};
+#include "csr_kernels.inc"
+}  // namespace isa_avx512
+SPARSEMOM_END_TARGET
+#undef SPARSEMOM_REDUCE8
+#endif  // SPARSEMOM_HAVE_X86_ISA_VARIANTS
+
+template <typename Args>
+using RowsFn = void (*)(const Args&, int64_t, int64_t);
+
+template <typename Args>
+RowsFn<Args> pick_rows_fn(RowsFn<Args> avx512, RowsFn<Args> avx2, RowsFn<Args> fallback) {
+#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512:
+      return avx512;
+    case cpu::Isa::kAvx2:
+      return avx2;
+    default:
+      break;
+  }
+#else
+  (void)avx512;
+  (void)avx2;
+#endif
+  return fallback;
+}
+
+#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
+#define SPARSEMOM_ROWS_FN(name) \
+  pick_rows_fn(&isa_avx512::name, &isa_avx2::name, &isa_default::name)
+#else
+#define SPARSEMOM_ROWS_FN(name) pick_rows_fn(nullptr, nullptr, &isa_default::name)
+#endif
+
+// ------------------------------------------------------------- work splitting
+// Below this many multiply-adds a second thread costs more than it saves.
+constexpr int64_t kMinMultiplyAddsPerThread = 1 << 16;
+
+// Calls fn(row_begin, row_end) on parts of the rows with equal work, one unit
+// per nonzero plus one per row (its output tile), in parallel. Row r's work
+// starts at row_ptr[r] + r, which is strictly increasing: a binary search finds
+// each part's first row.
+template <typename F>
+void parallel_over_rows(const int32_t* row_ptr, int64_t n_rows, int64_t batch, const F& fn) {
+  const int64_t work = row_ptr[n_rows] + n_rows;
+  const int64_t parts = std::clamp<int64_t>(work * batch / kMinMultiplyAddsPerThread, 1,
+                                            std::min<int64_t>(at::get_num_threads(), n_rows));
+  if (parts <= 1) {
+    fn(int64_t{0}, n_rows);
+    return;
+  }
+  auto first_row_at = [&](int64_t w) {
+    int64_t lo = 0, hi = n_rows;  // answer in [lo, hi]
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (row_ptr[mid] + mid >= w) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    return lo;
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      fn(first_row_at(p * work / parts), first_row_at((p + 1) * work / parts));
+    }
+  });
+}
+
+// ------------------------------------------------- other dtypes (plain loops)
+// float64 / float16 / bfloat16: the same walk with scalar opmath accumulators
+// over batch tiles; the compiler vectorises the lane loops.
+constexpr int64_t kGenericTile = 64;
+
+template <typename scalar_t>
+void spmm_rows_generic(const int32_t* row_ptr, const int32_t* col_idx, const scalar_t* values,
+                       const int32_t* value_perm, const scalar_t* bias, const scalar_t* xt,
+                       scalar_t* yt, int64_t batch, int64_t row_begin, int64_t row_end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t acc[kGenericTile];
+  for (int64_t b0 = 0; b0 < batch; b0 += kGenericTile) {
+    const int64_t lanes = std::min(kGenericTile, batch - b0);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const opmath_t init = bias != nullptr ? static_cast<opmath_t>(bias[r]) : opmath_t(0);
+      for (int64_t i = 0; i < lanes; ++i) acc[i] = init;
+      for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
+        const opmath_t w = values[value_perm != nullptr ? value_perm[k] : k];
+        const scalar_t* src = xt + static_cast<int64_t>(col_idx[k]) * batch + b0;
+        for (int64_t i = 0; i < lanes; ++i) acc[i] += w * static_cast<opmath_t>(src[i]);
+      }
+      scalar_t* dst = yt + r * batch + b0;
+      for (int64_t i = 0; i < lanes; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void sddmm_rows_generic(const int32_t* row_ptr, const int32_t* col_idx, const scalar_t* at,
+                        const scalar_t* bt, scalar_t* out, int64_t batch, int64_t row_begin,
+                        int64_t row_end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* arow = at + r * batch;
+    for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
+      const scalar_t* src = bt + static_cast<int64_t>(col_idx[k]) * batch;
+      opmath_t sum = 0;
+      for (int64_t i = 0; i < batch; ++i) sum += static_cast<opmath_t>(arow[i]) * static_cast<opmath_t>(src[i]);
+      out[k] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ ops
+at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                        const at::Tensor& values, const std::optional<at::Tensor>& value_perm,
+                        const std::optional<at::Tensor>& bias) {
+  check_csr_spmm_args(x, row_ptr, col_idx, values, value_perm, bias);
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const at::Tensor perm = contiguous_or_undefined(value_perm);
+  const int64_t n_rows = rp.numel() - 1, batch = x.size(0);
+  check_csr_content_host(rp.data_ptr<int32_t>(), n_rows, ci.data_ptr<int32_t>(), ci.numel(), x.size(1),
+                         data_or_null<int32_t>(perm));
+  const at::Tensor xt = x.t().contiguous();  // free when x is already feature-major
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor b = contiguous_or_undefined(bias);
+  at::Tensor yt = at::empty({n_rows, batch}, x.options());
+  if (batch == 0 || n_rows == 0) return yt.t();
+  const int32_t* rp_p = rp.data_ptr<int32_t>();
+  if (x.scalar_type() == at::kFloat) {
+    const SpmmArgs args{rp_p, ci.data_ptr<int32_t>(), vals.data_ptr<float>(), data_or_null<int32_t>(perm),
+                        data_or_null<float>(b), xt.data_ptr<float>(), yt.data_ptr<float>(), batch, ci.numel()};
+    const RowsFn<SpmmArgs> rows = SPARSEMOM_ROWS_FN(spmm_rows);
+    parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_spmm_cpu", [&] {
+      parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) {
+        spmm_rows_generic<scalar_t>(rp_p, ci.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
+                                    data_or_null<int32_t>(perm), data_or_null<scalar_t>(b),
+                                    xt.data_ptr<scalar_t>(), yt.data_ptr<scalar_t>(), batch, r0, r1);
+      });
+    });
+  }
+  return yt.t();
+}
+
+at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx) {
+  check_csr_sddmm_args(a, b, row_ptr, col_idx);
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const int64_t n_rows = rp.numel() - 1, nnz = ci.numel(), batch = a.size(0);
+  check_csr_content_host(rp.data_ptr<int32_t>(), n_rows, ci.data_ptr<int32_t>(), nnz, b.size(1), nullptr);
+  if (batch == 0 || nnz == 0) return at::zeros({nnz}, a.options());
+  const at::Tensor at_ = a.t().contiguous(), bt = b.t().contiguous();
+  at::Tensor out = at::empty({nnz}, a.options());
+  const int32_t* rp_p = rp.data_ptr<int32_t>();
+  if (a.scalar_type() == at::kFloat) {
+    const SddmmArgs args{rp_p, ci.data_ptr<int32_t>(), at_.data_ptr<float>(), bt.data_ptr<float>(),
+                         out.data_ptr<float>(), batch, nnz};
+    const RowsFn<SddmmArgs> rows = SPARSEMOM_ROWS_FN(sddmm_rows);
+    parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "csr_sddmm_cpu", [&] {
+      parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) {
+        sddmm_rows_generic<scalar_t>(rp_p, ci.data_ptr<int32_t>(), at_.data_ptr<scalar_t>(),
+                                     bt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), batch, r0, r1);
+      });
+    });
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tensor& row_ptr,
+                                                                 const at::Tensor& col_idx,
+                                                                 int64_t n_cols) {
+  check_csr_transpose_args(row_ptr, col_idx, n_cols);
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const int64_t n_rows = rp.numel() - 1, nnz = ci.numel();
+  const int32_t* rp_p = rp.data_ptr<int32_t>();
+  const int32_t* ci_p = ci.data_ptr<int32_t>();
+  check_csr_content_host(rp_p, n_rows, ci_p, nnz, n_cols, nullptr);
+  at::Tensor col_ptr = at::zeros({n_cols + 1}, rp.options());
+  at::Tensor row_idx = at::empty({nnz}, ci.options());
+  at::Tensor perm = at::empty({nnz}, ci.options());
+  int32_t* cp = col_ptr.data_ptr<int32_t>();
+  for (int64_t k = 0; k < nnz; ++k) ++cp[ci_p[k] + 1];
+  for (int64_t c = 0; c < n_cols; ++c) cp[c + 1] += cp[c];
+  // Rows are visited in increasing order, so each column's rows come out sorted.
+  std::vector<int32_t> next(cp, cp + n_cols);
+  int32_t* ri = row_idx.data_ptr<int32_t>();
+  int32_t* pm = perm.data_ptr<int32_t>();
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t k = rp_p[r]; k < rp_p[r + 1]; ++k) {
+      const int32_t pos = next[ci_p[k]]++;
+      ri[pos] = static_cast<int32_t>(r);
+      pm[pos] = static_cast<int32_t>(k);
+    }
+  }
+  return {col_ptr, row_idx, perm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsemom, CPU, m) {
+  m.impl("csr_spmm", &csr_spmm_cpu);
+  m.impl("csr_sddmm", &csr_sddmm_cpu);
+  m.impl("csr_transpose", &csr_transpose_cpu);
+}
+
+}  // namespace sparsemom
