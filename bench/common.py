@@ -84,10 +84,15 @@ def summarize(times: dict, baseline: str, **fields) -> list:
     return records
 
 
-def print_table(records: list, keys: list) -> None:
-    header = keys + ["impl", "median_ms", "min_ms", "max_ms", "speedup"]
+def print_table(records: list, keys: list, tail: list = ()) -> None:
+    """One row per record: ``keys`` columns, impl and timings, then ``tail`` columns."""
+    if not records:
+        return
+    tail = list(tail)
+    header = keys + ["impl", "median_ms", "min_ms", "max_ms", "speedup"] + tail
     rows = [[str(r[k]) for k in keys] + [r["impl"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}",
                                          f"{r['max_ms']:.3f}", f"{r['speedup_vs_baseline']:.2f}x"]
+            + [str(r[k]) for k in tail]
             for r in records]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
