@@ -139,11 +139,11 @@ def sparseprop_impl(mask, weight):
     return Impl(layer, [layer.W_val], lambda: layer.W_val.grad)
 
 
-def ours_impl(mask, weight, reference=False):
-    ops = sm.reference if reference else sm.ops
-    row_ptr, col_idx = sm.ops.csr_from_mask(mask)
+def ours_impl(mask, weight):
+    ops = sm.ops
+    row_ptr, col_idx = ops.csr_from_mask(mask)
     col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, mask.shape[1])
-    values = sm.ops.csr_values_from_dense(weight, row_ptr, col_idx).requires_grad_()
+    values = ops.csr_values_from_dense(weight, row_ptr, col_idx).requires_grad_()
     return Impl(lambda x: ops.csr_linear(x, values, None, row_ptr, col_idx, col_ptr, row_idx, perm),
                 [values], lambda: values.grad)
 
@@ -158,7 +158,7 @@ def sparseprop_version():
     return importlib.metadata.version("sparseprop")
 
 
-def impl_factories(with_sparseprop, ours_reference):
+def impl_factories(with_sparseprop):
     factories = {
         "dense": dense_impl,
         "torch_sparse_autograd": torch_sparse_autograd_impl,
@@ -166,10 +166,7 @@ def impl_factories(with_sparseprop, ours_reference):
     }
     if with_sparseprop:
         factories["sparseprop"] = sparseprop_impl
-    if ours_reference:  # development only: the pure-PyTorch reference instead of the kernels
-        factories["ours(reference)"] = lambda m, w: ours_impl(m, w, reference=True)
-    else:
-        factories["ours"] = ours_impl
+    factories["ours"] = ours_impl
     return factories
 
 
@@ -320,8 +317,6 @@ def main():
     parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up: a smoke run")
     parser.add_argument("--json", default="bench/results/bench_spmm.json")
     parser.add_argument("--plot", default="bench/results/bench_spmm.png", help="PNG path; '' for none")
-    # Development only, while the CPU kernels do not exist: time the pure-PyTorch reference.
-    parser.add_argument("--ours-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 3, 1
@@ -330,7 +325,7 @@ def main():
     env = environment(args.threads)
     env["sparseprop"] = sparseprop_version()
     print(f"# sparseprop: {env['sparseprop']}")
-    factories = impl_factories(env["sparseprop"] is not None, args.ours_reference)
+    factories = impl_factories(env["sparseprop"] is not None)
 
     records = []
     for shape_text in args.shapes:
