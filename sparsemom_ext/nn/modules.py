@@ -401,7 +401,7 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
                 and numel >= self.AUTO_MIN_NUMEL
                 and self._mask_structure_nnz() <= self.AUTO_MAX_DENSITY * numel)
 
-    AUTO_MAX_DENSITY = 0.2
+    AUTO_MAX_DENSITY = 0.1
     AUTO_MIN_NUMEL = 1 << 16
 
     def _mask_key(self):
