@@ -405,6 +405,9 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
     AUTO_MIN_NUMEL = 1 << 16
 
     def _mask_key(self):
+        # The caches below also hold an alias of the mask they were built from: while it
+        # lives, no other mask can be allocated at its address, which with a reused
+        # address and an equal version counter would hit a stale entry.
         return (self.mask.data_ptr(), self.mask._version, self.mask.device)
 
     def _mask_structure_nnz(self) -> int:
@@ -412,7 +415,7 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         key = self._mask_key()
         cached = self.__dict__.get("_mask_nnz_cache")
         if cached is None or cached[0] != key:
-            cached = (key, int(self.mask.count_nonzero()))
+            cached = (key, int(self.mask.count_nonzero()), self.mask.detach())
             self.__dict__["_mask_nnz_cache"] = cached
         return cached[1]
 
@@ -427,7 +430,7 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, self.in_features)
         flat_index = self.mask.reshape(-1).nonzero().reshape(-1)
         structure = (row_ptr, col_idx, col_ptr, row_idx, perm, flat_index)
-        self.__dict__["_mask_structure_cache"] = (key, structure)
+        self.__dict__["_mask_structure_cache"] = (key, structure, self.mask.detach())
         return structure
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
