@@ -184,7 +184,7 @@ def test_csr_state_dict_round_trip_into_a_layer_of_another_nnz():
 
 
 @pytest.mark.parametrize("corrupt", ["col_idx_too_large", "col_idx_negative", "row_ptr_length",
-                                     "row_ptr_not_monotone", "values_length"])
+                                     "row_ptr_not_monotone", "values_length", "col_idx_repeated"])
 def test_loading_a_malformed_structure_fails_and_changes_nothing(corrupt):
     src = SparseLinear(20, 30, density=0.3, layout="csr", generator=seeded(1))
     dst = SparseLinear(20, 30, density=0.1, layout="csr", generator=seeded(2))
@@ -199,6 +199,10 @@ def test_loading_a_malformed_structure_fails_and_changes_nothing(corrupt):
         state["row_ptr"][5] = int(state["row_ptr"][6]) + 1  # row 5 has a negative count
     elif corrupt == "values_length":
         state["values"] = state["values"][:-1]
+    elif corrupt == "col_idx_repeated":  # valid for the ops, not canonical for a layer
+        row = int(torch.nonzero(state["row_ptr"].diff() >= 2)[0])
+        first = int(state["row_ptr"][row])
+        state["col_idx"][first + 1] = state["col_idx"][first]
     names = ("values", "bias", "row_ptr", "col_idx", "col_ptr", "row_idx", "perm")
     before = {name: getattr(dst, name).clone() for name in names}
     x = torch.randn(4, 20)

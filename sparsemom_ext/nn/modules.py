@@ -373,6 +373,14 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
                 raise ValueError(f"values must have one entry per nonzero ({col_idx.numel()}), "
                                  f"got shape {tuple(values.shape)}")
             ops.csr_transpose(row_ptr, col_idx, self.in_features)  # checks every index
+            # The layer keeps a canonical structure (columns strictly increasing in each
+            # row), so nnz, mask and the layouts agree.
+            if col_idx.numel() > 1:
+                row_starts = torch.zeros(col_idx.numel(), dtype=torch.bool, device=col_idx.device)
+                row_starts[row_ptr[:-1][row_ptr[:-1] < col_idx.numel()].long()] = True
+                if not bool(((col_idx.diff() > 0) | row_starts[1:]).all()):
+                    raise ValueError("col_idx must be strictly increasing within each row "
+                                     "(sorted, no repeated column)")
         except (ValueError, TypeError, RuntimeError) as exc:
             return f"invalid CSR structure for {prefix or 'the layer'}: {exc}"
         nnz = col_idx.numel()
