@@ -26,7 +26,6 @@ __all__ = [
     "csr_to_mask",
     "csr_transpose",
     "csr_values_from_dense",
-    "feature_major",
     "fused_adam_step_",
     "fused_sgd_step_",
     "magnitude_prune",
@@ -289,17 +288,9 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     is ``(*, n_rows)``, feature-major in memory.
     """
     lead = x.shape[:-1]
-    # Feature-major once here: the forward reads it without a copy and the backward's
-    # csr_sddmm reuses the saved tensor, instead of each transposing x again.
-    x2d = feature_major(x.reshape(-1, x.shape[-1]))
-    y = torch.ops.sparsemom.csr_linear(x2d, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm)
+    y = torch.ops.sparsemom.csr_linear(x.reshape(-1, x.shape[-1]), values, bias, row_ptr, col_idx,
+                                       col_ptr, row_idx, perm)
     return y.reshape(*lead, y.shape[-1])
-
-
-def feature_major(t: Tensor) -> Tensor:
-    """``t`` (2-D) with strides ``(1, t.shape[0])``: the layout the CSR kernels read
-    without a copy. Returns ``t`` itself when it already is."""
-    return t if t.stride(0) == 1 and t.stride(1) == t.shape[0] else t.t().contiguous().t()
 
 
 for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear):
@@ -392,7 +383,6 @@ def _csr_linear_setup_context(ctx, inputs, output):
 
 def _csr_linear_backward(ctx, grad):
     x, values, row_ptr, col_idx, col_ptr, row_idx, perm = ctx.saved_tensors
-    grad = feature_major(grad)  # once, for both kernels
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.sparsemom.csr_spmm(grad, col_ptr, row_idx, values, perm, None)

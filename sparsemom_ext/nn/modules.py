@@ -197,7 +197,6 @@ class _MaskedSparseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, structure):
         row_ptr, col_idx, col_ptr, row_idx, perm, flat_index = structure
         values = weight.detach().reshape(-1)[flat_index]
-        x = ops.feature_major(x)
         ctx.structure = structure
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, values)
@@ -209,7 +208,6 @@ class _MaskedSparseLinear(torch.autograd.Function):
         row_ptr, col_idx, col_ptr, row_idx, perm, flat_index = ctx.structure
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad = ops.feature_major(grad)
             grad_x = ops.csr_spmm(grad, col_ptr, row_idx, values, perm, None)
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(x)
