@@ -166,9 +166,13 @@ def set_prune(weight: Tensor, mask: Tensor, k: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sparse matmul
-def _csr_dense_opmath(row_ptr: Tensor, col_idx: Tensor, values: Tensor, n_cols: int) -> Tensor:
-    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+def _row_of_each_nonzero(row_ptr: Tensor) -> Tensor:
+    return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
                                    row_ptr.diff().long())
+
+
+def _csr_dense_opmath(row_ptr: Tensor, col_idx: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    rows = _row_of_each_nonzero(row_ptr)
     dense = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=_opmath(values).dtype, device=values.device)
     return dense.index_put_((rows, col_idx.long()), _opmath(values), accumulate=True)
 
@@ -184,14 +188,12 @@ def csr_spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
 
 
 def csr_sddmm(a: Tensor, b: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
-                                   row_ptr.diff().long())
+    rows = _row_of_each_nonzero(row_ptr)
     return (_opmath(a)[:, rows] * _opmath(b)[:, col_idx.long()]).sum(0).to(a.dtype)
 
 
 def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int):
-    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
-                                   row_ptr.diff().long())
+    rows = _row_of_each_nonzero(row_ptr)
     # Stable sort by column keeps the rows increasing within a column.
     perm = torch.sort(col_idx.long(), stable=True).indices
     counts = torch.bincount(col_idx.long(), minlength=n_cols)
@@ -202,8 +204,7 @@ def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int):
 def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
                col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tensor:
     """Differentiable in x, values and bias (plain torch autograd)."""
-    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
-                                   row_ptr.diff().long())
+    rows = _row_of_each_nonzero(row_ptr)
     weight = torch.zeros(row_ptr.numel() - 1, x.shape[-1], dtype=values.dtype, device=values.device)
     weight = weight.index_put((rows, col_idx.long()), values, accumulate=True)
     return torch.nn.functional.linear(x, weight, bias)

@@ -17,6 +17,19 @@ Isa detected_isa();
 Isa active_isa();
 const char* isa_name(Isa isa);
 
+// The one of three variants of a kernel that active_isa() selects.
+template <typename Fn>
+Fn pick_for_active_isa(Fn avx512, Fn avx2, Fn fallback) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512;
+    case Isa::kAvx2:
+      return avx2;
+    default:
+      return fallback;
+  }
+}
+
 }  // namespace sparsemom::cpu
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -49,12 +62,6 @@ const char* isa_name(Isa isa);
   }                                                                                   \
   template <typename Args>                                                            \
   auto pick_##name() -> void (*)(const Args&, int64_t, int64_t) {                     \
-    switch (::sparsemom::cpu::active_isa()) {                                         \
-      case ::sparsemom::cpu::Isa::kAvx512:                                            \
-        return &name##_avx512<Args>;                                                  \
-      case ::sparsemom::cpu::Isa::kAvx2:                                              \
-        return &name##_avx2<Args>;                                                    \
-      default:                                                                        \
-        return &name##_default<Args>;                                                 \
-    }                                                                                 \
+    return ::sparsemom::cpu::pick_for_active_isa(&name##_avx512<Args>, &name##_avx2<Args>, \
+                                                 &name##_default<Args>);              \
   }

@@ -186,29 +186,11 @@ SPARSEMOM_END_TARGET
 template <typename Args>
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
-template <typename Args>
-RowsFn<Args> pick_rows_fn(RowsFn<Args> avx512, RowsFn<Args> avx2, RowsFn<Args> fallback) {
-#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      return avx512;
-    case cpu::Isa::kAvx2:
-      return avx2;
-    default:
-      break;
-  }
-#else
-  (void)avx512;
-  (void)avx2;
-#endif
-  return fallback;
-}
-
 #if SPARSEMOM_HAVE_X86_ISA_VARIANTS
 #define SPARSEMOM_ROWS_FN(name) \
-  pick_rows_fn(&isa_avx512::name, &isa_avx2::name, &isa_default::name)
+  cpu::pick_for_active_isa(&isa_avx512::name, &isa_avx2::name, &isa_default::name)
 #else
-#define SPARSEMOM_ROWS_FN(name) pick_rows_fn(nullptr, nullptr, &isa_default::name)
+#define SPARSEMOM_ROWS_FN(name) (&isa_default::name)
 #endif
 
 // ------------------------------------------------------------- work splitting

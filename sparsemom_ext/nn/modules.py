@@ -287,8 +287,7 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         weight = self.dense_weight()
         mask = ops.csr_to_mask(self.row_ptr, self.col_idx, self.in_features)
         requires_grad = self.values.requires_grad
-        for name in ("values",):
-            del self._parameters[name]
+        del self._parameters["values"]
         for name in ("row_ptr", "col_idx", "col_ptr", "row_idx", "perm"):
             del self._buffers[name]
         self.layout = "mask"
@@ -410,34 +409,34 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
     AUTO_MAX_DENSITY = 0.1
     AUTO_MIN_NUMEL = 1 << 16
 
-    def _mask_key(self):
-        # The caches below also hold an alias of the mask they were built from: while it
-        # lives, no other mask can be allocated at its address, which with a reused
-        # address and an equal version counter would hit a stale entry.
-        return (self.mask.data_ptr(), self.mask._version, self.mask.device)
+    def _cached_for_mask(self, name: str, build):
+        """``build(mask)``, computed once per mask tensor and version (the engine updates the
+        mask in place, which bumps its version counter) and kept in ``__dict__[name]``.
+
+        The entry also holds an alias of the mask it was built from: while it lives, no
+        other mask can be allocated at its address, which with a reused address and an
+        equal version counter would hit a stale entry.
+        """
+        mask = self.mask
+        key = (mask.data_ptr(), mask._version, mask.device)
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build(mask), mask.detach())
+            self.__dict__[name] = cached
+        return cached[1]
 
     def _mask_structure_nnz(self) -> int:
         # Counting the mask costs O(numel): done once per mask version, not per forward.
-        key = self._mask_key()
-        cached = self.__dict__.get("_mask_nnz_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, int(self.mask.count_nonzero()), self.mask.detach())
-            self.__dict__["_mask_nnz_cache"] = cached
-        return cached[1]
+        return self._cached_for_mask("_mask_nnz_cache", lambda mask: int(mask.count_nonzero()))
 
     def _mask_structure(self):
-        """CSR structure of the mask (and each nonzero's flat index), rebuilt when the mask
-        changes (the engine updates it in place, which bumps its version counter)."""
-        key = self._mask_key()
-        cached = self.__dict__.get("_mask_structure_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        row_ptr, col_idx = ops.csr_from_mask(self.mask)
-        col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, self.in_features)
-        flat_index = self.mask.reshape(-1).nonzero().reshape(-1)
-        structure = (row_ptr, col_idx, col_ptr, row_idx, perm, flat_index)
-        self.__dict__["_mask_structure_cache"] = (key, structure, self.mask.detach())
-        return structure
+        """CSR structure of the mask and each nonzero's flat index, per mask version."""
+        def build(mask):
+            row_ptr, col_idx = ops.csr_from_mask(mask)
+            col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, self.in_features)
+            flat_index = mask.reshape(-1).nonzero().reshape(-1)
+            return (row_ptr, col_idx, col_ptr, row_idx, perm, flat_index)
+        return self._cached_for_mask("_mask_structure_cache", build)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.uses_sparse_kernels(input):
