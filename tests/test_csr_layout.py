@@ -109,8 +109,9 @@ def test_csr_layer_empty_batch():
     assert not layer.values.grad.any() and not layer.bias.grad.any()
 
 
-def test_csr_layer_rejects_bad_input():
-    layer = SparseLinear(12, 7, density=0.5, layout="csr", generator=seeded())
+@pytest.mark.parametrize("kwargs", [dict(layout="csr"), dict(backend="sparse")], ids=["csr", "mask-sparse"])
+def test_sparse_kernel_paths_reject_bad_input(kwargs):
+    layer = SparseLinear(12, 7, density=0.5, generator=seeded(), **kwargs)
     with pytest.raises(ValueError, match="in_features=12"):
         layer(torch.randn(4, 11))
     with pytest.raises(TypeError, match="dtype"):
@@ -313,14 +314,6 @@ def test_auto_backend_picks_sparse_for_large_sparse_float32_cpu_layers():
 def test_invalid_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         SparseLinear(4, 5, density=0.5, backend="fast")
-
-
-def test_mask_layout_sparse_backend_rejects_bad_input():
-    layer = SparseLinear(12, 7, density=0.5, backend="sparse", generator=seeded())
-    with pytest.raises(ValueError, match="in_features=12"):
-        layer(torch.randn(4, 11))
-    with pytest.raises(TypeError, match="dtype"):
-        layer(torch.randn(4, 12, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- the engine
