@@ -315,12 +315,3 @@ def test_invalid_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         SparseLinear(4, 5, density=0.5, backend="fast")
 
-
-# ---------------------------------------------------------------- the engine
-def test_engine_rejects_csr_layers():
-    model = nn.Sequential(SparseLinear(10, 10, density=0.5, generator=seeded()), nn.ReLU(),
-                          SparseLinear(10, 2, density=0.5, layout="csr", generator=seeded()))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="layout='csr'") as info:
-        sm.SparseMomentum(model, opt, total_steps=10)
-    assert "to_layout" in str(info.value) and "; 2 use layout='csr'" in str(info.value)  # names the layer

@@ -1,0 +1,145 @@
+"""Candidate sampling for growth without a dense gradient (GSE, csr-layout sparse momentum).
+
+A layer's weight is viewed as an ``(n_rows, n_cols)`` matrix (rows = outputs, columns =
+inputs; a conv's columns are its unfolded patch entries) whose active positions are
+given as sorted flat indices ``row * n_cols + col``. :func:`sample_inactive` draws a set
+of distinct inactive positions, either uniformly or from GSE's GraBo distribution
+``P(i, j) ~ g_i * f_j`` (``f_j``: summed |input activation j| over a batch, ``g_i``:
+summed |output gradient i|). Both are drawn as independent row and column draws,
+rejecting active positions and repeats, so the cost is O(candidates + nnz) and nothing
+of size ``n_rows x n_cols`` is formed (see :func:`sample_inactive` for the one
+exception). Every draw comes from an explicit CPU generator: the same seed gives the
+same candidates on every process and device.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["SAMPLINGS", "grabo_factors", "sample_inactive"]
+
+SAMPLINGS = ("uniform", "grabo")
+
+
+def _is_in(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Whether each query occurs in the sorted 1-D ``sorted_values`` (binary search)."""
+    if sorted_values.numel() == 0:
+        return torch.zeros(queries.shape, dtype=torch.bool)
+    where = torch.searchsorted(sorted_values, queries).clamp_(max=sorted_values.numel() - 1)
+    return sorted_values[where] == queries
+
+
+def _first_occurrences(sequence: torch.Tensor) -> torch.Tensor:
+    """``sequence`` without repeats, each value kept at its first position (draw order)."""
+    if sequence.numel() == 0:
+        return sequence
+    unique, inverse = torch.unique(sequence, return_inverse=True)
+    first = torch.full((unique.numel(),), sequence.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(sequence.numel()), reduce="amin")
+    return sequence[first.sort().values]
+
+
+def _draw(weights: Optional[torch.Tensor], size: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    if weights is None:
+        return torch.randint(0, size, (n,), generator=generator)
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
+def sample_inactive(n_rows: int, n_cols: int, active_flat: torch.Tensor, count: int,
+                    generator: torch.Generator, row_weights: Optional[torch.Tensor] = None,
+                    col_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sorted flat indices (int64, CPU) of at most ``count`` distinct inactive positions.
+
+    ``active_flat``: the sorted flat indices of the active positions. Without weights the
+    positions are uniform over the inactive ones; with ``row_weights`` (``g``, length
+    ``n_rows``) and ``col_weights`` (``f``, length ``n_cols``), both non-negative, each draw
+    picks ``(i, j)`` with probability proportional to ``g_i * f_j`` among the inactive
+    positions not drawn yet (sequential sampling without replacement). Positions of
+    probability 0 are never drawn, so fewer than ``count`` come back when fewer inactive
+    positions have a positive probability; all of them come back when ``count`` reaches
+    that number.
+
+    Cost: rejection sampling, O(count + nnz) while the request is at most half of the
+    eligible inactive positions (always the case for GSE's candidate sets at densities up
+    to 1/3). A larger request enumerates the eligible positions instead, which is
+    O(n_rows x n_cols): only nearly dense layers get there.
+    """
+    active_flat = active_flat.to("cpu", torch.int64)
+    weighted = row_weights is not None or col_weights is not None
+    if weighted:
+        if row_weights is None or col_weights is None:
+            raise ValueError("row_weights and col_weights must be given together")
+        row_weights = row_weights.detach().to("cpu", torch.float64)
+        col_weights = col_weights.detach().to("cpu", torch.float64)
+        if row_weights.shape != (n_rows,) or col_weights.shape != (n_cols,):
+            raise ValueError(f"row_weights must have shape ({n_rows},) and col_weights ({n_cols},), got "
+                             f"{tuple(row_weights.shape)} and {tuple(col_weights.shape)}")
+        if not bool(torch.isfinite(row_weights).all() and torch.isfinite(col_weights).all()):
+            raise ValueError("row_weights and col_weights must be finite")
+        if bool((row_weights < 0).any() or (col_weights < 0).any()):
+            raise ValueError("row_weights and col_weights must be non-negative")
+        live_rows, live_cols = row_weights > 0, col_weights > 0
+        active_live = live_rows[active_flat // n_cols] & live_cols[active_flat % n_cols]
+        eligible = int(live_rows.sum()) * int(live_cols.sum()) - int(active_live.sum())
+        # The probability mass of the active positions, to size each round of draws.
+        active_mass = float((row_weights[active_flat // n_cols] * col_weights[active_flat % n_cols]).sum())
+        total_mass = float(row_weights.sum()) * float(col_weights.sum())
+        free_fraction = 1.0 - active_mass / total_mass if total_mass > 0 else 0.0
+    else:
+        eligible = n_rows * n_cols - active_flat.numel()
+        free_fraction = eligible / (n_rows * n_cols) if n_rows * n_cols else 0.0
+    count = min(int(count), eligible)
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if 2 * count > eligible:
+        return _sample_by_enumeration(n_rows, n_cols, active_flat, count, generator, row_weights, col_weights)
+    chosen = torch.zeros(0, dtype=torch.int64)
+    while chosen.numel() < count:
+        # Enough draws that one round usually suffices: at least half of what is left
+        # to choose is inactive-and-new mass by construction (count <= eligible / 2).
+        wanted = count - chosen.numel()
+        n = int(math.ceil(1.3 * wanted / max(free_fraction * 0.5, 1e-3))) + 16
+        rows = _draw(row_weights, n_rows, n, generator)
+        cols = _draw(col_weights, n_cols, n, generator)
+        draws = rows * n_cols + cols
+        draws = draws[~_is_in(active_flat, draws)]
+        chosen = _first_occurrences(torch.cat([chosen, draws]))[:count]
+    return chosen.sort().values
+
+
+def _sample_by_enumeration(n_rows, n_cols, active_flat, count, generator, row_weights, col_weights):
+    inactive = torch.ones(n_rows * n_cols, dtype=torch.bool)
+    inactive[active_flat] = False
+    if row_weights is None:
+        positions = inactive.nonzero().reshape(-1)
+        pick = torch.randperm(positions.numel(), generator=generator)[:count]
+        return positions[pick].sort().values
+    probability = (row_weights[:, None] * col_weights[None, :]).reshape(-1) * inactive
+    positions = probability.nonzero().reshape(-1)
+    pick = torch.multinomial(probability[positions], count, replacement=False, generator=generator)
+    return positions[pick].sort().values
+
+
+def grabo_factors(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+    """GraBo's ``(g, f)`` of one batch: summed |output gradient| per output (row) and summed
+    |input| per input (column) of the layer's ``(n_rows, n_cols)`` weight matrix.
+
+    For a conv the columns are the unfolded patch entries ``(c_in, kh, kw)`` and the sums
+    also run over spatial positions (the conv as a linear layer on unfolded patches).
+    """
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"GraBo sampling needs groups=1 convolutions, got groups={module.groups}")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            padding = module._reversed_padding_repeated_twice
+            x = torch.nn.functional.pad(x, padding, mode="constant" if module.padding_mode == "zeros"
+                                        else module.padding_mode)
+            pad = 0
+        else:
+            pad = module.padding
+        patches = torch.nn.functional.unfold(x.abs(), module.kernel_size, module.dilation, pad, module.stride)
+        return grad_out.abs().sum(dim=(0, 2, 3)), patches.sum(dim=(0, 2))
+    x = x.reshape(-1, x.shape[-1])
+    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+    return grad_out.abs().sum(0), x.abs().sum(0)
