@@ -591,11 +591,18 @@ class SparseMomentum:
             else:
                 new_mask = grown
             return lambda: w.commit(new_mask)
-        if pool is not None:
+        if pool is not None:  # candidates were inactive before pruning: all of them are new
             grown_flat = pool.flat[grown]
             grown_state = {key: t[grown] for key, t in pool.state.items() if key != "score"}
         else:
+            # A weight pruned and regrown in the same update stays as it was, value and
+            # optimizer state (as in the mask layout, where its mask bit ends up unchanged).
             grown_flat, grown_state = grown, None
+            regrown = torch.isin(grown_flat, flat)
+            if bool(regrown.any()):
+                keep = keep.clone()
+                keep[torch.searchsorted(flat, grown_flat[regrown])] = True
+                grown_flat = grown_flat[~regrown]
         plan = relayout_plan(flat, keep, grown_flat)
         return lambda: w.commit(plan, self.optimizer, grown_state)
 

@@ -34,10 +34,13 @@ def _first_occurrences(sequence: torch.Tensor) -> torch.Tensor:
     """``sequence`` without repeats, each value kept at its first position (draw order)."""
     if sequence.numel() == 0:
         return sequence
-    unique, inverse = torch.unique(sequence, return_inverse=True)
-    first = torch.full((unique.numel(),), sequence.numel(), dtype=torch.int64)
-    first.scatter_reduce_(0, inverse, torch.arange(sequence.numel()), reduce="amin")
-    return sequence[first.sort().values]
+    # A stable sort puts equal values together in draw order: the first of each run is
+    # its first occurrence.
+    ordered, where = torch.sort(sequence, stable=True)
+    is_first = torch.ones(ordered.shape, dtype=torch.bool)
+    torch.ne(ordered[1:], ordered[:-1], out=is_first[1:])
+    del ordered
+    return sequence[where[is_first].sort().values]
 
 
 def _draw(weights: Optional[torch.Tensor], size: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,11 +83,13 @@ def sample_inactive(n_rows: int, n_cols: int, active_flat: torch.Tensor, count: 
         if bool((row_weights < 0).any() or (col_weights < 0).any()):
             raise ValueError("row_weights and col_weights must be non-negative")
         live_rows, live_cols = row_weights > 0, col_weights > 0
-        active_live = live_rows[active_flat // n_cols] & live_cols[active_flat % n_cols]
-        eligible = int(live_rows.sum()) * int(live_cols.sum()) - int(active_live.sum())
+        active_rows, active_cols = active_flat // n_cols, active_flat % n_cols
+        active_live = int((live_rows[active_rows] & live_cols[active_cols]).sum())
+        eligible = int(live_rows.sum()) * int(live_cols.sum()) - active_live
         # The probability mass of the active positions, to size each round of draws.
-        active_mass = float((row_weights[active_flat // n_cols] * col_weights[active_flat % n_cols]).sum())
+        active_mass = float(row_weights[active_rows].mul_(col_weights[active_cols]).sum())
         total_mass = float(row_weights.sum()) * float(col_weights.sum())
+        del active_rows, active_cols  # O(nnz) temporaries: free them before drawing
         free_fraction = 1.0 - active_mass / total_mass if total_mass > 0 else 0.0
     else:
         eligible = n_rows * n_cols - active_flat.numel()
@@ -96,15 +101,15 @@ def sample_inactive(n_rows: int, n_cols: int, active_flat: torch.Tensor, count: 
         return _sample_by_enumeration(n_rows, n_cols, active_flat, count, generator, row_weights, col_weights)
     chosen = torch.zeros(0, dtype=torch.int64)
     while chosen.numel() < count:
-        # Enough draws that one round usually suffices: at least half of what is left
-        # to choose is inactive-and-new mass by construction (count <= eligible / 2).
+        # About enough draws for one round: a draw lands on an inactive position with
+        # probability free_fraction; 10% more covers repeats while the request stays
+        # small against the eligible positions, and a short second round the rest.
         wanted = count - chosen.numel()
-        n = int(math.ceil(1.3 * wanted / max(free_fraction * 0.5, 1e-3))) + 16
-        rows = _draw(row_weights, n_rows, n, generator)
-        cols = _draw(col_weights, n_cols, n, generator)
-        draws = rows * n_cols + cols
+        n = int(math.ceil(1.1 * wanted / max(free_fraction, 1e-3))) + 64
+        draws = _draw(row_weights, n_rows, n, generator).mul_(n_cols).add_(_draw(col_weights, n_cols, n, generator))
         draws = draws[~_is_in(active_flat, draws)]
         chosen = _first_occurrences(torch.cat([chosen, draws]))[:count]
+        del draws
     return chosen.sort().values
 
 
