@@ -23,24 +23,28 @@ SAMPLINGS = ("uniform", "grabo")
 
 
 def _is_in(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Whether each query occurs in the sorted 1-D ``sorted_values`` (binary search)."""
+    """Whether each query occurs in the sorted 1-D ``sorted_values`` (binary search; fastest
+    when the queries are sorted too, as the searches then walk memory in order)."""
     if sorted_values.numel() == 0:
         return torch.zeros(queries.shape, dtype=torch.bool)
     where = torch.searchsorted(sorted_values, queries).clamp_(max=sorted_values.numel() - 1)
     return sorted_values[where] == queries
 
 
-def _first_occurrences(sequence: torch.Tensor) -> torch.Tensor:
-    """``sequence`` without repeats, each value kept at its first position (draw order)."""
-    if sequence.numel() == 0:
-        return sequence
+def _first_new_inactive(sequence: torch.Tensor, active_flat: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` distinct inactive values of ``sequence`` in draw order, sorted."""
     # A stable sort puts equal values together in draw order: the first of each run is
-    # its first occurrence.
+    # its first occurrence; the sorted values also make the membership search fast.
     ordered, where = torch.sort(sequence, stable=True)
-    is_first = torch.ones(ordered.shape, dtype=torch.bool)
-    torch.ne(ordered[1:], ordered[:-1], out=is_first[1:])
-    del ordered
-    return sequence[where[is_first].sort().values]
+    keep = torch.ones(ordered.shape, dtype=torch.bool)
+    torch.ne(ordered[1:], ordered[:-1], out=keep[1:])
+    keep &= ~_is_in(active_flat, ordered)
+    if int(keep.sum()) > count:  # cut in draw order, which keeps the sampling sequential
+        kept_in_draw_order = torch.zeros(sequence.shape, dtype=torch.bool)
+        kept_in_draw_order[where[keep]] = True
+        last_draw = kept_in_draw_order.nonzero()[count - 1, 0]
+        keep &= where <= last_draw
+    return ordered[keep]
 
 
 def _draw(weights: Optional[torch.Tensor], size: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -107,10 +111,10 @@ def sample_inactive(n_rows: int, n_cols: int, active_flat: torch.Tensor, count: 
         wanted = count - chosen.numel()
         n = int(math.ceil(1.1 * wanted / max(free_fraction, 1e-3))) + 64
         draws = _draw(row_weights, n_rows, n, generator).mul_(n_cols).add_(_draw(col_weights, n_cols, n, generator))
-        draws = draws[~_is_in(active_flat, draws)]
-        chosen = _first_occurrences(torch.cat([chosen, draws]))[:count]
+        # The ones chosen in earlier rounds come first: all of them stay.
+        chosen = _first_new_inactive(torch.cat([chosen, draws]), active_flat, count)
         del draws
-    return chosen.sort().values
+    return chosen
 
 
 def _sample_by_enumeration(n_rows, n_cols, active_flat, count, generator, row_weights, col_weights):

@@ -62,7 +62,19 @@ def relayout_plan(old_flat: torch.Tensor, keep: torch.Tensor, grown_flat: torch.
     """The :class:`Relayout` that keeps the old nonzeros where the bool ``keep`` is True and
     adds ``grown_flat`` (sorted flat indices, none of them kept)."""
     kept = keep.nonzero().reshape(-1)
+    kept_flat = old_flat[kept]
     grown_flat = grown_flat.to(old_flat.device)
-    merged = torch.cat([old_flat[kept], grown_flat])
-    flat, order = torch.sort(merged, stable=True)
-    return Relayout(kept, order, flat, grown_flat.numel())
+    n_kept, n_grown = kept_flat.numel(), grown_flat.numel()
+    # Merge two sorted lists without sorting: a grown position lands after the kept ones
+    # smaller than it and after the grown ones before it.
+    device = old_flat.device
+    grown_at = torch.searchsorted(kept_flat, grown_flat) + torch.arange(n_grown, device=device)
+    is_grown = torch.zeros(n_kept + n_grown, dtype=torch.bool, device=device)
+    is_grown[grown_at] = True
+    order = torch.empty(n_kept + n_grown, dtype=torch.int64, device=device)
+    order[grown_at] = torch.arange(n_kept, n_kept + n_grown, device=device)
+    order[~is_grown] = torch.arange(n_kept, device=device)
+    flat = torch.empty(n_kept + n_grown, dtype=torch.int64, device=device)
+    flat[grown_at] = grown_flat
+    flat[~is_grown] = kept_flat
+    return Relayout(kept, order, flat, n_grown)
