@@ -124,12 +124,23 @@ class _Schedule:
 
 @dataclass
 class _CandidateWindow:
-    """One layer's candidate set (sorted flat indices) and its accumulated momentum state."""
+    """One csr layer's candidate set (sorted flat indices and their CSR structure, for the
+    SDDMM) and the momentum state accumulated for them."""
 
     flat: torch.Tensor
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
     state: Dict[str, torch.Tensor]
+
+
+@dataclass
+class _CandidatePool:
+    """Where candidate-based growth may grow in one layer at an update: the candidates
+    (sorted flat indices), their scores, and the optimizer state each would start with."""
+
+    flat: torch.Tensor
+    score: torch.Tensor
+    grown_state: Dict[str, torch.Tensor]
 
 
 
@@ -376,9 +387,8 @@ class SparseMomentum:
                                "backward pass through the model before the update (and keep the engine's hooks)")
         return probe.last
 
-    def _candidate_pool(self, w, flat: torch.Tensor, momentum) -> Optional[_CandidateWindow]:
-        """Candidate-based growth of ``w``: positions (sorted flat), their scores in ``state["score"]``
-        and the state grown positions start from; None for growth by a dense score."""
+    def _candidate_pool(self, w, flat: torch.Tensor) -> Optional[_CandidatePool]:
+        """The candidates ``w`` may grow at (GSE, csr momentum); None for growth by a dense score."""
         if self.growth == "gse":
             positions = self._sample_candidates(w, flat, candidate_count(self.candidates, flat.numel()))
             positions = positions.to(flat.device)
@@ -386,7 +396,7 @@ class SparseMomentum:
                 scores = w.batch_gradient_at(self._probes.get(w.name), positions)
             else:
                 scores = w.batch_gradient_at(None, positions)
-            return _CandidateWindow(positions, None, None, {"score": scores})
+            return _CandidatePool(positions, scores, {})
         if w in self._window_layers:
             window = self._windows.get(w.name)
             if window is None:
@@ -399,7 +409,7 @@ class SparseMomentum:
             else:
                 score = self._adam_signal(window.state["exp_avg"], window.state["exp_avg_sq"],
                                           self._group_of(w.param)["eps"])
-            return _CandidateWindow(window.flat, None, None, dict(window.state, score=score))
+            return _CandidatePool(window.flat, score, window.state)
         return None
 
     # ------------------------------------------------------------------ candidate windows
@@ -494,7 +504,7 @@ class SparseMomentum:
         flats = [w.active_flat() for w in self.weights]
         counts = [f.numel() for f in flats]
         momenta = [self._momentum(w) if self.needs_momentum else None for w in self.weights]
-        pools = [self._candidate_pool(w, f, m) for w, f, m in zip(self.weights, flats, momenta)]
+        pools = [self._candidate_pool(w, f) for w, f in zip(self.weights, flats)]
         values = [w.active_values(f) for w, f in zip(self.weights, flats)]
         if self.scope == "global":
             keeps, grown, n_grow = self._select_global(rate, flats, counts, values, momenta, pools)
@@ -531,7 +541,7 @@ class SparseMomentum:
         """What layer scope grows in ``w``: a bool over the pool's candidates, a new dense
         mask (mask layer, dense score), or the grown flat indices (csr, dense score)."""
         if pool is not None:
-            return top_scores(pool.state["score"], n_grow)
+            return top_scores(pool.score, n_grow)
         if w.layout == "mask":
             return ops.momentum_grow(self._dense_score(w, momentum), w.pruned_mask(flat, keep), n_grow)
         kept_flat = flat[keep]
@@ -556,7 +566,7 @@ class SparseMomentum:
         for w, f, k, m, p in zip(self.weights, flats, keeps, momenta, pools):
             if p is not None:
                 pool_positions.append(p.flat)
-                pool_scores.append(p.state["score"])
+                pool_scores.append(p.score)
                 continue
             if w.layout == "mask":
                 free = ~w.pruned_mask(f, k).reshape(-1)
@@ -593,7 +603,7 @@ class SparseMomentum:
             return lambda: w.commit(new_mask)
         if pool is not None:  # candidates were inactive before pruning: all of them are new
             grown_flat = pool.flat[grown]
-            grown_state = {key: t[grown] for key, t in pool.state.items() if key != "score"}
+            grown_state = {key: t[grown] for key, t in pool.grown_state.items()}
         else:
             # A weight pruned and regrown in the same update stays as it was, value and
             # optimizer state (as in the mask layout, where its mask bit ends up unchanged).
