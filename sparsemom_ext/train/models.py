@@ -23,6 +23,7 @@ logits (the reference's ``log_softmax`` + ``nll_loss`` is the same loss as
 
 import math
 import re
+from collections import OrderedDict
 from typing import Sequence, Tuple
 
 from torch import nn
@@ -58,19 +59,19 @@ def check_model_name(name: str) -> str:
 
 
 def lenet300(in_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
-    """LeNet-300-100: flatten, 300, 100, classes."""
+    """LeNet-300-100: flatten, fc1 300, fc2 100, fc3 classes (the reference code's names)."""
     return mlp(in_shape, num_classes, (300, 100))
 
 
 def mlp(in_shape: Tuple[int, int, int], num_classes: int, widths: Sequence[int] = DEFAULT_MLP_WIDTHS) -> nn.Module:
-    """A ReLU MLP on the flattened input with the given hidden widths."""
-    layers = [nn.Flatten()]
+    """A ReLU MLP on the flattened input with the given hidden widths; layers fc1, fc2, ..."""
+    layers = [("flatten", nn.Flatten())]
     features = math.prod(in_shape)
-    for width in widths:
-        layers += [nn.Linear(features, width), nn.ReLU()]
+    for i, width in enumerate(widths, 1):
+        layers += [(f"fc{i}", nn.Linear(features, width)), (f"relu{i}", nn.ReLU())]
         features = width
-    layers.append(nn.Linear(features, num_classes))
-    return nn.Sequential(*layers)
+    layers.append((f"fc{len(widths) + 1}", nn.Linear(features, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
 
 
 def lenet5(in_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -79,12 +80,12 @@ def lenet5(in_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
     side_h, side_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
     if side_h < 1 or side_w < 1:
         raise ModelError(f"lenet5 needs inputs of at least 12x12 pixels; got {height}x{width}")
-    return nn.Sequential(
-        nn.Conv2d(channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(50 * side_h * side_w, 500), nn.ReLU(),
-        nn.Linear(500, num_classes),
-    )
+    return nn.Sequential(OrderedDict([  # the reference code's layer names
+        ("conv1", nn.Conv2d(channels, 20, 5)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(20, 50, 5)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()), ("fc3", nn.Linear(50 * side_h * side_w, 500)), ("relu3", nn.ReLU()),
+        ("fc4", nn.Linear(500, num_classes)),
+    ]))
 
 
 def vgg16(in_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
