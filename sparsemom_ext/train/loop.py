@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 import sparsemom_ext as sm
 
@@ -75,6 +74,19 @@ def training_step(model, optimizer, scheduler, engine, x, y) -> Tuple[torch.Tens
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _progress_bar(progress: Optional[bool], total: int, description: str):
+    """A tqdm bar on stderr, or None: ``progress`` None shows one when stderr is a terminal.
+
+    tqdm is imported only when a bar is shown, so runs without one (logs, tests)
+    do not need it.
+    """
+    if not (sys.stderr.isatty() if progress is None else progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 class Run:
@@ -184,8 +196,7 @@ class Run:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
         step_times = []
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False,
-                   disable=None if progress is None else not progress, file=sys.stderr, dynamic_ncols=True)
+        bar = _progress_bar(progress, self.steps_per_epoch, f"epoch {epoch}/{args.epochs}")
         started = time.perf_counter()
         for i in range(self.steps_per_epoch):
             index = order[i * args.batch_size:(i + 1) * args.batch_size]
@@ -200,10 +211,12 @@ class Run:
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            bar.update()
-            if i % 20 == 19 or i == self.steps_per_epoch - 1:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{100 * int(correct) / seen:.2f}%")
-        bar.close()
+            if bar is not None:
+                bar.update()
+                if i % 20 == 19 or i == self.steps_per_epoch - 1:  # reading the sums synchronises: not every step
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{100 * int(correct) / seen:.2f}%")
+        if bar is not None:
+            bar.close()
         train_s = time.perf_counter() - started
 
         record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,

@@ -39,7 +39,8 @@ def header(args, data, steps_per_epoch: int, threads: int) -> str:
     sched = (f"lr x{args.lr_decay} every {args.lr_decay_every} steps" if args.lr_schedule == "step"
              else "lr cosine to 0")
     lines.append(f"{opt}, {sched}; batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} epochs; "
-                 f"device {args.device}, {threads} threads, seed {args.seed}")
+                 f"device {args.device}, {threads} threads{', denormals flushed' if args.flush_denormal else ''}, "
+                 f"seed {args.seed}")
     return "\n".join(lines)
 
 
@@ -66,7 +67,7 @@ def final_report(args, results: dict) -> str:
     test, timing, sp = results["test"], results["timing"], results["speedup"]
     epochs = results["epochs"]
     lines = [f"== {args.model} on {args.dataset}, " + ("dense" if args.dense else f"density {args.density}")
-             + f", {len(epochs)} epochs ==",
+             + f", {len(epochs)} epoch{'s' if len(epochs) != 1 else ''} ==",
              f"test error {_pct(test['error'])} (accuracy {_pct(test['accuracy'])}, loss {test['loss']:.4f})"]
     if epochs:
         n = len(epochs)
