@@ -76,18 +76,20 @@ def load_checkpoint(path: Path) -> Dict:
     return state
 
 
-def restore(run: Run, state: Dict, config: Dict, path: Path) -> None:
+def restore(run: Run, state: Dict, config: Dict, defaults: Dict, path: Path) -> None:
     """Load ``state`` into ``run``, which must have been built from the same options.
 
     Raises ConfigError listing the options (other than :data:`IGNORED_ON_RESUME`) whose
     values differ from the checkpoint's: a resumed run with other settings would not
-    be the same run.
+    be the same run. An option the checkpoint does not record (added to the command
+    since it was written) must be at its value in ``defaults``.
     """
     saved = state["config"]
-    differ = sorted(k for k in set(saved) | set(config) if k not in IGNORED_ON_RESUME and saved.get(k) != config.get(k))
+    differ = sorted(k for k in config if k not in IGNORED_ON_RESUME
+                    and saved.get(k, defaults.get(k)) != config[k])
     if differ:
-        listing = "; ".join(f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}"
-                            for k in differ)
+        listing = "; ".join(f"--{k.replace('_', '-')}: checkpoint {saved.get(k, defaults.get(k))!r}, "
+                            f"now {config[k]!r}" for k in differ)
         raise ConfigError(f"--resume {path} was written by a run with other options ({listing}); "
                           "resume with the same options")
     run.model.load_state_dict(state["model"])

@@ -204,7 +204,8 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
     config = _config(args)
     print(report.header(args, data, run.steps_per_epoch, torch.get_num_threads()), flush=True)
     if args.resume is not None:
-        checkpoint.restore(run, checkpoint.load_checkpoint(args.resume), config, args.resume)
+        defaults = _config(build_parser().parse_args([]))
+        checkpoint.restore(run, checkpoint.load_checkpoint(args.resume), config, defaults, args.resume)
         print(f"resumed from {args.resume} after epoch {run.epoch}", flush=True)
     while run.epoch < args.epochs:
         record = run.train_epoch(args.progress)
