@@ -123,6 +123,19 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
     assert "--density: checkpoint 0.05, now 0.1" in capsys.readouterr().err
 
 
+def test_resume_accepts_an_option_newer_than_the_checkpoint_at_its_default(tmp_path, capsys):
+    train(tmp_path, "--epochs", "1", "--save", str(tmp_path / "c.pt"))
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    del state["config"]["prune_decay"]  # as if --prune-decay had been added after the checkpoint was written
+    torch.save(state, tmp_path / "old.pt")
+    train(tmp_path, "--epochs", "1", "--resume", str(tmp_path / "old.pt"))
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, "--epochs", "1", "--prune-decay", "linear", "--resume", str(tmp_path / "old.pt")])
+    assert info.value.code == 2
+    assert "--prune-decay: checkpoint 'cosine', now 'linear'" in capsys.readouterr().err
+
+
 BAD_ARGS = [  # "{tmp}" stands for the test's temporary folder
     (["--model", "resnet9000"], "argument --model: unknown model 'resnet9000'"),
     (["--model", "wrn-15-2"], "wide resnet depth must be 6n + 4"),

@@ -71,10 +71,10 @@ def final_report(args, results: dict) -> str:
              f"test error {_pct(test['error'])} (accuracy {_pct(test['accuracy'])}, loss {test['loss']:.4f})"]
     if epochs:
         n = len(epochs)
+        train_s, eval_s = sum(r["train_s"] for r in epochs) / n, sum(r["eval_s"] for r in epochs) / n
         lines.append(
-            f"time per epoch (mean of {n}): training {sum(r['train_s'] for r in epochs) / n:.2f} s "
-            f"(median step {_ms(timing['step_median_s'])} ms), validation {sum(r['eval_s'] for r in epochs) / n:.2f} s, "
-            f"topology update {1000 * sum(r['update_s'] for r in epochs) / n:.1f} ms")
+            f"time per epoch (mean of {n}): training {train_s:.2f} s (median step {_ms(timing['step_median_s'])} ms), "
+            f"validation {eval_s:.2f} s, topology update {1000 * sum(r['update_s'] for r in epochs) / n:.1f} ms")
     lines.append("")
 
     rows = [("layer", "kind", "shape", "density", "input density", "dense fwd ms", "estimated ms", "measured fwd ms")]
