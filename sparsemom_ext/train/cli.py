@@ -72,6 +72,15 @@ def _widths(text: str):
     return widths
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None / False of optional values and flags."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the training command (defaults: the paper's reference settings)."""
     p = argparse.ArgumentParser(
@@ -79,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a sparse network from scratch with sparse momentum (or dense with --dense) and report "
                     "test error, per-layer density and the speed-up over dense: estimated (the paper's method) "
                     "and measured (wall clock).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     positive_int = _number(int, low=1, what="a positive integer")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", type=_model_name, default="lenet300",
                    help=f"one of {', '.join(models.MODEL_NAMES)}, or wrn-DEPTH-WIDTH")
-    g.add_argument("--widths", type=_widths, default=models.DEFAULT_MLP_WIDTHS,
+    g.add_argument("--widths", type=_widths, default=",".join(map(str, models.DEFAULT_MLP_WIDTHS)),
                    help="hidden widths of --model mlp, e.g. 4096,4096,4096")
     g.add_argument("--dropout", type=_number(float, 0.0, 1.0, high_open=True, what="in [0, 1)"), default=0.3,
                    help="dropout between the convs of a wide-resnet block (the reference code's 0.3)")
@@ -109,35 +118,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distribution", choices=DISTRIBUTIONS, default="uniform", help="initial density per layer")
     g.add_argument("--layout", choices=LAYOUTS, default="mask",
                    help="mask: dense weight + mask (exact sparse momentum); csr: always-sparse storage")
-    g.add_argument("--growth", choices=engine_module.GROWTH, default="momentum")
-    g.add_argument("--prune", choices=engine_module.PRUNE, default="magnitude")
-    g.add_argument("--redistribution", choices=engine_module.REDISTRIBUTION, default="momentum")
+    g.add_argument("--growth", choices=engine_module.GROWTH, default="momentum",
+                   help="which inactive weights to activate: largest momentum (sparse momentum), random (SET), "
+                        "largest gradient (RigL)")
+    g.add_argument("--prune", choices=engine_module.PRUNE, default="magnitude",
+                   help="which active weights to remove: smallest magnitude, or closest to 0 on each side (SET)")
+    g.add_argument("--redistribution", choices=engine_module.REDISTRIBUTION, default="momentum",
+                   help="how the removed weights are shared among layers for regrowth")
     unit = _number(float, 0.0, 1.0, what="in [0, 1]")
     g.add_argument("--prune-rate", type=unit, default=0.5, help="initial fraction of active weights pruned per update")
-    g.add_argument("--final-prune-rate", type=unit, default=0.005)
-    g.add_argument("--prune-decay", choices=engine_module.DECAY, default="cosine")
+    g.add_argument("--final-prune-rate", type=unit, default=0.005, help="the prune rate the decay ends at")
+    g.add_argument("--prune-decay", choices=engine_module.DECAY, default="cosine",
+                   help="schedule of the prune rate over the run")
     g.add_argument("--update-every", type=positive_int, default=None,
                    help="update the topology every N steps instead of at each epoch end")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=100)
+    g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training split")
+    g.add_argument("--batch-size", type=positive_int, default=100, help="training batch size")
     g.add_argument("--eval-batch-size", type=positive_int, default=1000,
                    help="batch size of validation and test evaluation (does not change results)")
-    g.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd")
+    g.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd",
+                   help="sparsemom_ext.optim SGD / Adam / AdamW (steps fused with the masks)")
     g.add_argument("--lr", type=_number(float, 0.0, low_open=True, what="positive"), default=None,
                    help="learning rate (default: 0.1 for sgd, 0.001 for adam/adamw)")
-    g.add_argument("--momentum", type=_number(float, 0.0, 1.0, high_open=True, what="in [0, 1)"), default=0.9)
+    g.add_argument("--momentum", type=_number(float, 0.0, 1.0, high_open=True, what="in [0, 1)"), default=0.9,
+                   help="SGD momentum")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum (sgd)")
-    g.add_argument("--weight-decay", type=_number(float, 0.0, what="non-negative"), default=5e-4)
+    g.add_argument("--weight-decay", type=_number(float, 0.0, what="non-negative"), default=5e-4,
+                   help="L2 penalty (decoupled for adamw)")
     g.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
                    help="step: x--lr-decay every --lr-decay-every iterations; cosine: to 0 over the run")
-    g.add_argument("--lr-decay-every", type=positive_int, default=25000)
-    g.add_argument("--lr-decay", type=_number(float, 0.0, low_open=True, what="positive"), default=0.1)
-    g.add_argument("--seed", type=_number(int, 0, what="a non-negative integer"), default=0)
+    g.add_argument("--lr-decay-every", type=positive_int, default=25000, help="iterations between lr steps")
+    g.add_argument("--lr-decay", type=_number(float, 0.0, low_open=True, what="positive"), default=0.1,
+                   help="factor of each lr step")
+    g.add_argument("--seed", type=_number(int, 0, what="a non-negative integer"), default=0,
+                   help="seeds the initial weights, masks, validation split, shuffling and the engine")
 
     g = p.add_argument_group("machine and output")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and data live")
     g.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     g.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="flush denormal floats to zero on the CPU (torch.set_flush_denormal). Momentum of weights "
