@@ -2,7 +2,8 @@
 # Sets up a development environment from nothing, idempotently:
 #   - a virtual environment in $VENV (default .venv) with Python 3.10+,
 #   - torch ($TORCH_SPEC, default torch==2.13.0; e.g. TORCH_SPEC=torch==2.14.1 for a
-#     CUDA build), numpy and the test tools,
+#     CUDA build), numpy, tqdm (the training command's progress bars), matplotlib (its
+#     --plot figures, tested) and the test tools,
 #   - the sparsemom_ext extension built in place (pip install -e, no build isolation,
 #     so the build uses the torch installed here instead of downloading another).
 # CUDA kernels are compiled when that torch is a CUDA build and nvcc is found; see
@@ -17,8 +18,8 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" numpy ninja \
-  pytest hypothesis expecttest
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" numpy ninja tqdm \
+  matplotlib pytest hypothesis expecttest
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   --no-build-isolation -e .
 "$VENV/bin/python" -c "import sparsemom_ext as sm; print('sparsemom_ext build:', sm.build_info())"

@@ -1,0 +1,269 @@
+"""The training command (python -m sparsemom_ext.train): tiny end-to-end runs, argument errors,
+resume-equals-uninterrupted, the data paths (IDX, CIFAR-10), the models and the speed-up arithmetic.
+
+Runs here train on a few hundred images for a few epochs, so each takes a second or two.
+No test asserts anything about a measured time (the machine's speed is not under test):
+timings are only checked to exist and to enter the formulas as documented.
+"""
+
+import json
+import math
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sparsemom_ext as sm
+from sparsemom_ext.train import cli, models, speedup
+from sparsemom_ext.train.data import _random_crop_and_flip, load_dataset
+
+TINY = ["--train-size", "400", "--test-size", "200", "--batch-size", "25", "--compare-dense", "3",
+        "--no-progress", "--threads", "1"]
+
+
+def train(tmp_path, *argv, name="run"):
+    """Run the command in-process; return (results JSON, stdout)."""
+    path = tmp_path / f"{name}.json"
+    assert cli.main([*TINY, *argv, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_tiny_lenet300_run_learns_and_reports_both_speedups(tmp_path, capsys):
+    results = train(tmp_path, "--model", "lenet300", "--density", "0.3", "--epochs", "3")
+    out = capsys.readouterr().out
+    assert results["test"]["error"] < 0.6  # 10 classes: chance is 0.9
+    assert [r["epoch"] for r in results["epochs"]] == [1, 2, 3]
+    assert results["epochs"][-1]["train_loss"] < results["epochs"][0]["train_loss"]
+    # Updates at the ends of epochs 1 and 2, none after the last: 3 layers x 2 updates.
+    assert [r["prune_rate"] is not None for r in results["epochs"]] == [True, True, False]
+    assert len(results["topology_updates"]) == 6
+    report = results["density_report"]
+    assert report["total"]["nnz"] == round(0.3 * report["total"]["numel"])
+    assert [layer["name"] for layer in report["layers"]] == ["fc1", "fc2", "fc3"]
+    assert results["timing"]["steps"] == 3 * math.ceil(360 / 25)
+    measured = results["speedup"]["measured_training"]
+    assert measured["dense_steps_timed"] == 3
+    assert measured["speedup_median"] == pytest.approx(measured["dense_step_median_s"] / measured["step_median_s"])
+    assert results["config"]["lr"] == 0.1 and results["config"]["weight_decay"] == 5e-4
+    for text in ("test error", "estimated (the paper's method)", "measured (wall clock", "fc1", "epoch 3/3"):
+        assert text in out
+
+
+def test_conv_run_estimate_uses_input_density_and_writes_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # installed by scripts/setup.sh; optional for users
+    results = train(tmp_path, "--model", "lenet5", "--epochs", "2", "--plot", str(tmp_path / "plots"))
+    layers = {layer["name"]: layer for layer in results["speedup"]["layers"]}
+    assert list(layers) == ["conv1", "conv2", "fc3", "fc4"]
+    conv2, fc3 = layers["conv2"], layers["fc3"]
+    assert 0 < conv2["input_density"] < 1  # ReLU + max-pool outputs: some zeros
+    assert conv2["estimated_s"] == pytest.approx(conv2["dense_s"] * conv2["weight_density"] * conv2["input_density"])
+    assert fc3["estimated_s"] == pytest.approx(fc3["dense_s"] * fc3["weight_density"])  # no activation factor
+    est = results["speedup"]["estimated"]
+    assert est["speedup"] == pytest.approx(est["dense_forward_s"] / est["sparse_forward_s"])
+    assert all(r["estimated_speedup"] > 1 for r in results["epochs"])
+    for name in ("curves.png", "density.png", "speedup.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_dense_baseline_has_no_engine_and_full_density(tmp_path):
+    results = train(tmp_path, "--model", "lenet300", "--dense", "--epochs", "1")
+    assert results["density_report"] is None and results["topology_updates"] == []
+    assert all(layer["density"] == 1.0 for layer in results["layers"].values())
+    assert "note" in results["speedup"]["measured_training"]
+
+
+def compare_states(a, b, path=""):
+    """Exact equality of nested checkpoint structures (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            compare_states(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            compare_states(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+TIMING_KEYS = {"train_s", "eval_s", "update_s", "step_median_s", "estimated_speedup"}
+
+
+def test_resume_continues_to_the_identical_result(tmp_path):
+    # wrn-10-1 has batch norm (running statistics) and dropout (torch's global RNG);
+    # --augment draws crops and flips from the shuffling generator: every stream must be restored.
+    options = ["--model", "wrn-10-1", "--epochs", "3", "--train-size", "200", "--augment", "--compare-dense", "0"]
+    whole = train(tmp_path, *options, "--save", str(tmp_path / "a-{epoch}.pt"), name="whole")
+    resumed = train(tmp_path, *options, "--resume", str(tmp_path / "a-1.pt"),
+                    "--save", str(tmp_path / "b-{epoch}.pt"), name="resumed")
+    a = torch.load(tmp_path / "a-3.pt", weights_only=True)
+    b = torch.load(tmp_path / "b-3.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "engine", "engine_history", "rng", "epoch"):
+        compare_states(a[key], b[key], key)
+    assert a["engine"]["updates"] == 2
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in whole["epochs"]]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in resumed["epochs"]]
+    assert whole["test"] == resumed["test"]
+    assert whole["topology_updates"] == resumed["topology_updates"]
+    assert resumed["timing"]["steps"] == whole["timing"]["steps"]
+
+
+def test_resume_with_other_options_is_refused(tmp_path, capsys):
+    train(tmp_path, "--epochs", "1", "--save", str(tmp_path / "c.pt"))
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, "--epochs", "1", "--density", "0.1", "--resume", str(tmp_path / "c.pt")])
+    assert info.value.code == 2
+    assert "--density: checkpoint 0.05, now 0.1" in capsys.readouterr().err
+
+
+def test_resume_accepts_an_option_newer_than_the_checkpoint_at_its_default(tmp_path, capsys):
+    train(tmp_path, "--epochs", "1", "--save", str(tmp_path / "c.pt"))
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    del state["config"]["prune_decay"]  # as if --prune-decay had been added after the checkpoint was written
+    torch.save(state, tmp_path / "old.pt")
+    train(tmp_path, "--epochs", "1", "--resume", str(tmp_path / "old.pt"))
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, "--epochs", "1", "--prune-decay", "linear", "--resume", str(tmp_path / "old.pt")])
+    assert info.value.code == 2
+    assert "--prune-decay: checkpoint 'cosine', now 'linear'" in capsys.readouterr().err
+
+
+BAD_ARGS = [  # "{tmp}" stands for the test's temporary folder
+    (["--model", "resnet9000"], "argument --model: unknown model 'resnet9000'"),
+    (["--model", "wrn-15-2"], "wide resnet depth must be 6n + 4"),
+    (["--density", "0"], "argument --density: must be in (0, 1], got 0"),
+    (["--density", "1.5"], "argument --density: must be in (0, 1], got 1.5"),
+    (["--density", "nan"], "argument --density: must be in (0, 1]"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer"),
+    (["--dataset", "idx", "--data-dir", "{tmp}/missing"], "does not exist"),
+    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}"], "data_batch_1, data_batch_2"),
+    (["--model", "vgg16"], "vgg16 is the 32x32-input variant"),
+    (["--momentum", "0", "--no-nesterov"], "the sparsity engine rejects these options: SGD param_groups[0] "
+                                           "has momentum=0"),
+    (["--resume", "{tmp}/nothing.pt"], "--resume {tmp}/nothing.pt: no such file"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_ARGS)
+def test_bad_arguments_exit_2_with_a_message_naming_the_option(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, "--epochs", "1", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in err, err
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_entry_point_exits_2_on_a_bad_model():
+    proc = subprocess.run([sys.executable, "-m", "sparsemom_ext.train", "--model", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown model 'nope'" in proc.stderr and "usage: sparsemom-train" in proc.stderr
+
+
+def idx_bytes(arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.tobytes()
+
+
+def test_idx_directory_trains_with_its_own_normalisation(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "idx"
+    root.mkdir()
+    for stem, n in (("train", 120), ("t10k", 40)):
+        labels = rng.integers(0, 3, n)
+        # Class k images are bright in their k-th horizontal band: learnable in one epoch.
+        images = rng.integers(0, 60, (n, 12, 12)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 4 * k:4 * k + 4] += 150
+        (root / f"{stem}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (root / f"{stem}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    data = load_dataset("idx", root, val_split=0.25, seed=3)
+    assert data.num_classes == 3 and data.in_shape == (1, 12, 12)
+    x = data.batch(data.train_x)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-2
+    results = train(tmp_path, "--dataset", "idx", "--data-dir", str(root), "--density", "0.5", "--epochs", "3",
+                    "--batch-size", "10")
+    assert results["test"]["error"] < 0.3
+
+
+def write_cifar_batches(root, n):
+    rng = np.random.default_rng(1)
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_cifar10_directory_through_the_command(tmp_path):
+    write_cifar_batches(tmp_path / "cifar-10-batches-py", 20)
+    results = train(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "wrn-10-1",
+                    "--epochs", "1", "--augment")
+    assert results["config"]["dataset"] == "cifar10"
+    assert results["timing"]["steps"] == math.ceil(90 / 25)  # 100 images, 10 held out
+    assert {layer["shape"][1] for layer in results["speedup"]["layers"] if layer["name"] == "conv1"} == {3}
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    a = load_dataset("mnist", val_split=0.1, seed=5, train_size=500)
+    b = load_dataset("mnist", val_split=0.1, seed=5, train_size=500)
+    c = load_dataset("mnist", val_split=0.1, seed=6, train_size=500)
+    assert len(a.val_y) == 50 and len(a.train_y) == 450
+    assert torch.equal(a.val_x, b.val_x) and not torch.equal(a.val_x, c.val_x)
+    train_rows = {bytes(x.numpy()) for x in a.train_x}
+    assert not any(bytes(x.numpy()) in train_rows for x in a.val_x)
+
+
+def test_augmentation_crops_a_window_of_the_padded_image_and_flips():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = _random_crop_and_flip(images, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    flipped = 0
+    for img, src in zip(out, padded):
+        windows = [src[:, y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+        plain = any(torch.equal(img, w) for w in windows)
+        mirrored = any(torch.equal(img.flip(2), w) for w in windows)
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 10 < flipped < 54  # about half
+
+
+@pytest.mark.parametrize("name,shape,params", [
+    ("lenet300", (1, 28, 28), 266_610),
+    ("lenet5", (1, 28, 28), 431_080),
+    ("mlp", (1, 28, 28), 784 * 4096 + 2 * 4096 * 4096 + 4096 * 10 + 3 * 4096 + 10),
+    ("vgg16", (3, 32, 32), 15_255_626),
+    ("wrn-16-8", (3, 32, 32), 10_961_370),
+    ("wrn-28-2", (3, 32, 32), 1_467_610),
+])
+def test_models_have_the_published_sizes_and_every_weight_layer_goes_sparse(name, shape, params):
+    torch.manual_seed(0)
+    model = models.build_model(name, shape, 10)
+    assert sum(p.numel() for p in model.parameters()) == params
+    n_layers = len(speedup.weight_layers(model))
+    sm.sparsify(model, density=0.05)
+    report = sm.density_report(model)
+    assert len(report.rows) == n_layers  # first and last layers included, as in the paper
+    if name in ("lenet300", "lenet5"):
+        assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_estimated_speedup_formula():
+    dense = {"conv": 3.0, "fc": 1.0}
+    kinds = {"conv": "conv", "fc": "linear"}
+    # conv: 3 * 0.1 * 0.5 = 0.15; fc: 1 * 0.2 (its input density is not used) -> 4 / 0.35
+    value = speedup.estimated_speedup(dense, kinds, {"conv": 0.1, "fc": 0.2}, {"conv": 0.5, "fc": 0.01})
+    assert value == pytest.approx(4.0 / 0.35)
