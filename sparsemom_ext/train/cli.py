@@ -29,6 +29,7 @@ import sparsemom_ext as sm
 from ..nn import LAYOUTS
 from ..sparsity import engine as engine_module
 from ..sparsity.init import DISTRIBUTIONS
+from ..sparsity.sampling import SAMPLINGS
 from . import checkpoint, models, plots, report
 from .data import DATASETS, DataError, load_dataset
 from .loop import ConfigError, Run
@@ -119,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layout", choices=LAYOUTS, default="mask",
                    help="mask: dense weight + mask (exact sparse momentum); csr: always-sparse storage")
     g.add_argument("--growth", choices=engine_module.GROWTH, default="momentum",
-                   help="which inactive weights to activate: largest momentum (sparse momentum), random (SET), "
-                        "largest gradient (RigL)")
+                   help="which inactive weights to activate: largest momentum (sparse momentum; in the csr "
+                        "layout accumulated over a window for sampled candidates), random (SET), largest gradient "
+                        "(RigL), largest gradient among sampled candidates (GSE)")
     g.add_argument("--prune", choices=engine_module.PRUNE, default="magnitude",
                    help="which active weights to remove: smallest magnitude, or closest to 0 on each side (SET)")
     g.add_argument("--redistribution", choices=engine_module.REDISTRIBUTION, default="momentum",
@@ -132,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule of the prune rate over the run")
     g.add_argument("--update-every", type=positive_int, default=None,
                    help="update the topology every N steps instead of at each epoch end")
+    g.add_argument("--decay-end", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0,
+                   help="fraction of the run at which the prune rate reaches its final value (GSE: 0.6)")
+    g.add_argument("--scope", choices=engine_module.SCOPES, default="layer",
+                   help="layer: prune per layer and redistribute; global: prune and grow across all layers")
+    g.add_argument("--sampling", choices=SAMPLINGS, default="uniform",
+                   help="how gse and csr-layout momentum draw candidates: uniform, or grabo (|input| x |output "
+                        "gradient| of the last batch)")
+    g.add_argument("--candidates", type=_number(float, 0.0, 1e6, low_open=True, what="> 0"), default=1.0,
+                   help="candidate-set size as a multiple of a layer's active weights (GSE's gamma)")
+    g.add_argument("--window", type=positive_int, default=100,
+                   help="steps over which csr-layout momentum accumulates its candidates' momentum before an update")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training split")

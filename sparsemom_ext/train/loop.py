@@ -116,7 +116,9 @@ class Run:
                 self.engine = sm.SparseMomentum(
                     self.model, self.optimizer, prune_rate=args.prune_rate, final_prune_rate=args.final_prune_rate,
                     update_every=args.update_every, total_steps=self.total_steps, growth=args.growth,
-                    prune=args.prune, redistribution=args.redistribution, decay=args.prune_decay, seed=args.seed)
+                    prune=args.prune, redistribution=args.redistribution, decay=args.prune_decay, seed=args.seed,
+                    steps_per_epoch=self.steps_per_epoch, decay_end=args.decay_end, scope=args.scope,
+                    candidates=args.candidates, sampling=args.sampling, window=args.window)
             except ValueError as exc:
                 raise ConfigError(f"the sparsity engine rejects these options: {exc}") from exc
         self.shuffle = torch.Generator().manual_seed(args.seed + 1)
