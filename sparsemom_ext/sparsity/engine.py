@@ -29,7 +29,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import ops
-from .layer_views import BatchProbe, CsrLayer, MaskLayer, candidate_count, keep_after_prune, top_scores
+from .layer_views import (BatchProbe, CsrLayer, MaskLayer, candidate_count, keep_after_prune, last_batch,
+                          top_scores)
 from .masks import mask_of
 from .sampling import SAMPLINGS, grabo_factors, sample_inactive
 from .topology import relayout_plan, structure_from_flat
@@ -375,28 +376,17 @@ class SparseMomentum:
 
     def _sample_candidates(self, w, flat: torch.Tensor, count: int) -> torch.Tensor:
         if self.sampling == "grabo":
-            x, grad_out = self._last_batch(w)
+            x, grad_out = last_batch(self._probes.get(w.name), w.name)
             rows, cols = grabo_factors(w.module, x, grad_out)
             return sample_inactive(w.n_rows, w.n_cols, flat, count, self.generator, rows, cols)
         return sample_inactive(w.n_rows, w.n_cols, flat, count, self.generator)
-
-    def _last_batch(self, w):
-        probe = self._probes.get(w.name)
-        if probe is None or probe.last is None:
-            raise RuntimeError(f"growth={self.growth!r} needs a training batch of {w.name!r}: run a forward and "
-                               "backward pass through the model before the update (and keep the engine's hooks)")
-        return probe.last
 
     def _candidate_pool(self, w, flat: torch.Tensor) -> Optional[_CandidatePool]:
         """The candidates ``w`` may grow at (GSE, csr momentum); None for growth by a dense score."""
         if self.growth == "gse":
             positions = self._sample_candidates(w, flat, candidate_count(self.candidates, flat.numel()))
             positions = positions.to(flat.device)
-            if w.layout == "csr":
-                scores = w.batch_gradient_at(self._probes.get(w.name), positions)
-            else:
-                scores = w.batch_gradient_at(None, positions)
-            return _CandidatePool(positions, scores, {})
+            return _CandidatePool(positions, w.batch_gradient_at(self._probes.get(w.name), positions), {})
         if w in self._window_layers:
             window = self._windows.get(w.name)
             if window is None:

@@ -22,7 +22,7 @@ import torch
 from .. import ops
 from .topology import Relayout, flat_indices, structure_from_flat
 
-__all__ = ["BatchProbe", "CsrLayer", "MaskLayer", "candidate_count", "keep_after_prune", "top_scores"]
+__all__ = ["BatchProbe", "CsrLayer", "MaskLayer", "candidate_count", "keep_after_prune", "last_batch", "top_scores"]
 
 
 class BatchProbe:
@@ -60,6 +60,9 @@ class BatchProbe:
 
 
 class _LayerView:
+    """What both views share: the weight seen as an ``(n_rows, n_cols)`` matrix (a conv's
+    columns are its unfolded patch entries), addressed by flat index ``row * n_cols + col``."""
+
     layout: str
     name: str
     module: Optional[torch.nn.Module]
@@ -108,7 +111,7 @@ class MaskLayer(_LayerView):
         return pruned
 
     def batch_gradient_at(self, probe, positions):
-        # The mask layout has its dense weight gradient anyway: read it.
+        # The mask layout has its dense weight gradient anyway: read it (no probe needed).
         if self.param.grad is None:
             raise RuntimeError(f"the gradient of {self.name!r} is None: update before optimizer.zero_grad()")
         return self.param.grad.reshape(-1)[positions.to(self.param.device)]
@@ -151,13 +154,13 @@ class CsrLayer(_LayerView):
         return signal
 
     def batch_gradient_at(self, probe, positions):
-        x, grad_out = _last_batch(probe, self.name)
+        x, grad_out = last_batch(probe, self.name)
         row_ptr, col_idx = structure_from_flat(positions.to(x.device), self.n_rows, self.n_cols)
         return ops.csr_sddmm(grad_out.reshape(-1, self.n_rows), x.reshape(-1, self.n_cols), row_ptr, col_idx)
 
     def dense_batch_gradient(self, probe) -> torch.Tensor:
         """RigL's signal: the dense ``(out, in)`` weight gradient of the probe's last batch."""
-        x, grad_out = _last_batch(probe, self.name)
+        x, grad_out = last_batch(probe, self.name)
         return grad_out.reshape(-1, self.n_rows).t().mm(x.reshape(-1, self.n_cols))
 
     @torch.no_grad()
@@ -183,10 +186,11 @@ class CsrLayer(_LayerView):
         self.module._set_structure(row_ptr.to(values.device), col_idx.to(values.device))
 
 
-def _last_batch(probe: Optional[BatchProbe], name: str):
+def last_batch(probe: Optional[BatchProbe], name: str):
+    """The probe's last ``(input, output gradient)``, or a RuntimeError saying what is missing."""
     if probe is None or probe.last is None:
-        raise RuntimeError(f"no training batch has gone through {name!r} since the engine was built: run a "
-                           "forward and backward pass (and optimizer.step(); engine.step()) before the update")
+        raise RuntimeError(f"no training batch has gone through {name!r} since the engine was built (or its "
+                           "hooks were removed): run a forward and backward pass before the update")
     return probe.last
 
 
