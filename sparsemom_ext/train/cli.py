@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the run at which the prune rate reaches its final value (GSE: 0.6)")
     g.add_argument("--scope", choices=engine_module.SCOPES, default="layer",
                    help="layer: prune per layer and redistribute; global: prune and grow across all layers")
-    g.add_argument("--sampling", choices=SAMPLINGS, default="uniform",
-                   help="how gse and csr-layout momentum draw candidates: uniform, or grabo (|input| x |output "
-                        "gradient| of the last batch)")
+    g.add_argument("--sampling", choices=SAMPLINGS, default="grabo",
+                   help="how gse and csr-layout momentum draw candidates: grabo (|input| x |output gradient| "
+                        "of the last batch) or uniform")
     g.add_argument("--candidates", type=_number(float, 0.0, 1e6, low_open=True, what="> 0"), default=1.0,
                    help="candidate-set size as a multiple of a layer's active weights (GSE's gamma)")
     g.add_argument("--window", type=positive_int, default=100,
