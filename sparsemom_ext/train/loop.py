@@ -280,9 +280,8 @@ class Run:
             record["estimated_speedup"] = (
                 None if record["input_density"] is None else
                 speedup.estimated_speedup(dense_s, kinds, record["layer_density"], record["input_density"]))
-        run_step = statistics.median(self.step_times) if self.step_times else None
-        amortised = ((sum(self.step_times) + sum(self.update_times)) / len(self.step_times)
-                     if self.step_times else None)
+        run_step = statistics.median(self.step_times)
+        amortised = (sum(self.step_times) + sum(self.update_times)) / len(self.step_times)
         dense_times = self.compare_dense(args.compare_dense) if not args.dense and args.compare_dense > 0 else []
         dense_step = statistics.median(dense_times) if dense_times else None
         results = {
