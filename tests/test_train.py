@@ -244,7 +244,6 @@ def test_augmentation_crops_a_window_of_the_padded_image_and_flips():
 @pytest.mark.parametrize("name,shape,params", [
     ("lenet300", (1, 28, 28), 266_610),
     ("lenet5", (1, 28, 28), 431_080),
-    ("mlp", (1, 28, 28), 784 * 4096 + 2 * 4096 * 4096 + 4096 * 10 + 3 * 4096 + 10),
     ("vgg16", (3, 32, 32), 15_255_626),
     ("wrn-16-8", (3, 32, 32), 10_961_370),
     ("wrn-28-2", (3, 32, 32), 1_467_610),
@@ -259,6 +258,13 @@ def test_models_have_the_published_sizes_and_every_weight_layer_goes_sparse(name
     assert len(report.rows) == n_layers  # first and last layers included, as in the paper
     if name in ("lenet300", "lenet5"):
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_mlp_widths_option_sets_the_hidden_layers(tmp_path):
+    assert cli.build_parser().parse_args([]).widths == (4096, 4096, 4096)
+    results = train(tmp_path, "--model", "mlp", "--widths", "64-32", "--epochs", "1", "--compare-dense", "0")
+    shapes = [layer["shape"] for layer in results["speedup"]["layers"]]
+    assert shapes == [[64, 784], [32, 64], [10, 32]]
 
 
 def test_estimated_speedup_formula():

@@ -296,6 +296,9 @@ class Run:
                 "step_amortised_s": amortised,
                 "train_s": sum(r["train_s"] for r in self.history),
                 "update_s": sum(self.update_times),
+                # Wall clock of the training loops (batch preparation included) and updates, per step.
+                "wall_per_step_s": (sum(r["train_s"] for r in self.history) + sum(self.update_times))
+                                   / len(self.step_times),
                 "epoch_train_s": [r["train_s"] for r in self.history],
             },
             "speedup": speedup.summarise(timings, run_step, amortised, dense_step, len(dense_times)),
