@@ -48,6 +48,8 @@ def test_tiny_lenet300_run_learns_and_reports_both_speedups(tmp_path, capsys):
     measured = results["speedup"]["measured_training"]
     assert measured["dense_steps_timed"] == 3
     assert measured["speedup_median"] == pytest.approx(measured["dense_step_median_s"] / measured["step_median_s"])
+    timing = results["timing"]
+    assert timing["step_amortised_s"] == pytest.approx(timing["step_median_s"] + timing["update_s"] / timing["steps"])
     assert results["config"]["lr"] == 0.1 and results["config"]["weight_decay"] == 5e-4
     for text in ("test error", "estimated (the paper's method)", "measured (wall clock", "fc1", "epoch 3/3"):
         assert text in out

@@ -281,7 +281,9 @@ class Run:
                 None if record["input_density"] is None else
                 speedup.estimated_speedup(dense_s, kinds, record["layer_density"], record["input_density"]))
         run_step = statistics.median(self.step_times)
-        amortised = (sum(self.step_times) + sum(self.update_times)) / len(self.step_times)
+        # The median, not the mean, of the steps: robust to other jobs on the machine, like the
+        # dense baseline's median it is compared with; the updates' whole cost is spread over the steps.
+        amortised = run_step + sum(self.update_times) / len(self.step_times)
         dense_times = self.compare_dense(args.compare_dense) if not args.dense and args.compare_dense > 0 else []
         dense_step = statistics.median(dense_times) if dense_times else None
         results = {

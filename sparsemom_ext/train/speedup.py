@@ -14,8 +14,8 @@ conv/linear layer counts, so MLPs get an estimate too.
 backward, optimizer step and the engine's step) of the run itself, against the same
 model trained dense with the same optimizer settings for a number of steps in the same
 process (``--compare-dense N``), after a warm-up. Reported as the ratio of medians,
-and amortised: the run's total step time plus the end-of-epoch topology updates,
-divided by its number of steps. Next to these, each layer's own forward (the sparse
+and amortised: the run's median step plus the time of all its end-of-epoch topology
+updates divided by its number of steps. Next to these, each layer's own forward (the sparse
 kernels, where the layer uses them) is timed on the same inputs as the estimate, so the
 estimate can be compared layer by layer with what the kernels really do.
 """
