@@ -48,6 +48,8 @@ def test_tiny_lenet300_run_learns_and_reports_both_speedups(tmp_path, capsys):
     measured = results["speedup"]["measured_training"]
     assert measured["dense_steps_timed"] == 3
     assert measured["speedup_median"] == pytest.approx(measured["dense_step_median_s"] / measured["step_median_s"])
+    timing = results["timing"]
+    assert timing["step_amortised_s"] == pytest.approx(timing["step_median_s"] + timing["update_s"] / timing["steps"])
     assert results["config"]["lr"] == 0.1 and results["config"]["weight_decay"] == 5e-4
     for text in ("test error", "estimated (the paper's method)", "measured (wall clock", "fc1", "epoch 3/3"):
         assert text in out
@@ -244,7 +246,6 @@ def test_augmentation_crops_a_window_of_the_padded_image_and_flips():
 @pytest.mark.parametrize("name,shape,params", [
     ("lenet300", (1, 28, 28), 266_610),
     ("lenet5", (1, 28, 28), 431_080),
-    ("mlp", (1, 28, 28), 784 * 4096 + 2 * 4096 * 4096 + 4096 * 10 + 3 * 4096 + 10),
     ("vgg16", (3, 32, 32), 15_255_626),
     ("wrn-16-8", (3, 32, 32), 10_961_370),
     ("wrn-28-2", (3, 32, 32), 1_467_610),
@@ -259,6 +260,13 @@ def test_models_have_the_published_sizes_and_every_weight_layer_goes_sparse(name
     assert len(report.rows) == n_layers  # first and last layers included, as in the paper
     if name in ("lenet300", "lenet5"):
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_mlp_widths_option_sets_the_hidden_layers(tmp_path):
+    assert cli.build_parser().parse_args([]).widths == (4096, 4096, 4096)
+    results = train(tmp_path, "--model", "mlp", "--widths", "64-32", "--epochs", "1", "--compare-dense", "0")
+    shapes = [layer["shape"] for layer in results["speedup"]["layers"]]
+    assert shapes == [[64, 784], [32, 64], [10, 32]]
 
 
 def test_estimated_speedup_formula():

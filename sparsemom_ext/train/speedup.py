@@ -14,8 +14,8 @@ conv/linear layer counts, so MLPs get an estimate too.
 backward, optimizer step and the engine's step) of the run itself, against the same
 model trained dense with the same optimizer settings for a number of steps in the same
 process (``--compare-dense N``), after a warm-up. Reported as the ratio of medians,
-and amortised: the run's total step time plus the end-of-epoch topology updates,
-divided by its number of steps. Next to these, each layer's own forward (the sparse
+and amortised: the run's median step plus the time of all its end-of-epoch topology
+updates divided by its number of steps. Next to these, each layer's own forward (the sparse
 kernels, where the layer uses them) is timed on the same inputs as the estimate, so the
 estimate can be compared layer by layer with what the kernels really do.
 """
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LayerTiming", "estimated_speedup", "time_layers", "time_steps", "weight_density", "weight_layers"]
+__all__ = ["LayerTiming", "estimated_speedup", "summarise", "time_layers", "time_steps", "weight_density",
+           "weight_layers"]
 
 
 @dataclass
@@ -146,14 +147,17 @@ def time_steps(step: Callable[[torch.Tensor, torch.Tensor], object],
     return times
 
 
-def summarise(timings: List[LayerTiming], run_step_s: Optional[float], run_amortised_s: Optional[float],
+def summarise(timings: List[LayerTiming], run_step_s: float, run_amortised_s: float,
               dense_step_s: Optional[float], dense_steps: int) -> dict:
-    """The JSON-ready speed-up record: per layer, estimated, measured forward and measured training step."""
+    """The JSON-ready speed-up record: per layer, estimated, measured forward and measured training step.
+
+    ``dense_step_s`` None (no dense steps timed) leaves ``measured_training`` None.
+    """
     dense_total = sum(t.dense_s for t in timings)
     estimated_total = sum(t.estimated_s for t in timings)
     measured_total = sum(t.measured_s for t in timings)
     measured = None
-    if run_step_s is not None and dense_step_s is not None:
+    if dense_step_s is not None:
         measured = {
             "dense_steps_timed": dense_steps,
             "dense_step_median_s": dense_step_s,
