@@ -275,3 +275,17 @@ def test_estimated_speedup_formula():
     # conv: 3 * 0.1 * 0.5 = 0.15; fc: 1 * 0.2 (its input density is not used) -> 4 / 0.35
     value = speedup.estimated_speedup(dense, kinds, {"conv": 0.1, "fc": 0.2}, {"conv": 0.5, "fc": 0.01})
     assert value == pytest.approx(4.0 / 0.35)
+
+
+def test_a_diverging_run_stops_at_that_epoch_with_a_message_and_exit_1(tmp_path, capsys):
+    # At lr 1e4 the weights overflow within the first epoch: the run must stop there, not
+    # train two more epochs of NaN, and must not checkpoint the NaN state.
+    path = tmp_path / "run.json"
+    argv = [*TINY, "--epochs", "3", "--lr", "1e4", "--save", str(tmp_path / "c-{epoch}.pt"), "--json", str(path)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the training loss of epoch 1 is" in err and "lower --lr" in err
+    results = json.loads(path.read_text())
+    assert results["diverged"]["epoch"] == 1 and results["diverged"]["lr"] == 1e4
+    assert results["epochs"] == [] and "test" not in results
+    assert not list(tmp_path.glob("c-*.pt"))  # the diverged epoch is not checkpointed

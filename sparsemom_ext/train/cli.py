@@ -32,7 +32,7 @@ from ..sparsity.init import DISTRIBUTIONS
 from ..sparsity.sampling import SAMPLINGS
 from . import checkpoint, models, plots, report
 from .data import DATASETS, DataError, load_dataset
-from .loop import ConfigError, Run
+from .loop import ConfigError, Run, TrainingDiverged
 
 __all__ = ["DEFAULT_LR", "build_parser", "console_main", "main", "run_command"]
 
@@ -239,24 +239,22 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
         defaults = _config(build_parser().parse_args([]))
         checkpoint.restore(run, checkpoint.load_checkpoint(args.resume), config, defaults, args.resume)
         print(f"resumed from {args.resume} after epoch {run.epoch}", flush=True)
-    while run.epoch < args.epochs:
-        record = run.train_epoch(args.progress)
-        print(report.epoch_line(record, args.epochs), flush=True)
-        if args.save is not None:
-            checkpoint.save_checkpoint(Path(str(args.save).replace("{epoch}", str(run.epoch))), run, config)
+    try:
+        while run.epoch < args.epochs:
+            record = run.train_epoch(args.progress)
+            print(report.epoch_line(record, args.epochs), flush=True)
+            if args.save is not None:
+                checkpoint.save_checkpoint(Path(str(args.save).replace("{epoch}", str(run.epoch))), run, config)
+    except TrainingDiverged as exc:
+        # What was learnt up to the divergence still goes to --json, marked as diverged.
+        _write_json(args, {"diverged": {"epoch": exc.epoch, "train_loss": str(exc.train_loss), "lr": exc.lr},
+                           "epochs": run.history, **_run_facts(args, argv, config, device, started)})
+        raise
     results = run.finish()
-    results["config"] = config
-    results["command"] = argv
-    results["environment"] = {"torch": torch.__version__, "sparsemom_ext": sm.__version__,
-                              "threads": torch.get_num_threads(), "device": str(device),
-                              "build": sm.build_info()}
-    results["wall_s"] = time.perf_counter() - started
+    results.update(_run_facts(args, argv, config, device, started))
     print()
     print(report.final_report(args, results), flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.json}")
+    _write_json(args, results)
     if args.plot is not None:
         title = f"{args.model} on {args.dataset}, " + ("dense" if args.dense else f"density {args.density}")
         for path in plots.write_plots(results, args.plot, title):
@@ -264,10 +262,26 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
     return results
 
 
+def _run_facts(args, argv: List[str], config: dict, device: torch.device, started: float) -> dict:
+    return {"config": config, "command": argv,
+            "environment": {"torch": torch.__version__, "sparsemom_ext": sm.__version__,
+                            "threads": torch.get_num_threads(), "device": str(device), "build": sm.build_info()},
+            "wall_s": time.perf_counter() - started}
+
+
+def _write_json(args, results: dict) -> None:
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (default: the command line), train, report; 0 on success.
 
-    Bad options exit with status 2 and a message naming the option (SystemExit).
+    Bad options exit with status 2 and a message naming the option (SystemExit). A run
+    whose training loss becomes NaN or infinite stops at the end of that epoch with a
+    message and returns 1 (its checkpoints end at the last finite epoch).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -276,6 +290,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_command(args, argv)
     except (ConfigError, DataError) as exc:
         parser.error(str(exc))
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

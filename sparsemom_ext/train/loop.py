@@ -31,7 +31,7 @@ import sparsemom_ext as sm
 from . import models, speedup
 from .data import Dataset
 
-__all__ = ["ConfigError", "Run", "make_optimizer", "make_scheduler", "training_step"]
+__all__ = ["ConfigError", "Run", "TrainingDiverged", "make_optimizer", "make_scheduler", "training_step"]
 
 #: Dense steps run before the timed ones of ``--compare-dense`` (allocator and caches warm up).
 COMPARE_WARMUP_STEPS = 5
@@ -39,6 +39,19 @@ COMPARE_WARMUP_STEPS = 5
 
 class ConfigError(ValueError):
     """Options that cannot be run together (the command line reports it and exits with 2)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss of an epoch was not finite (NaN or infinite): the weights cannot recover.
+
+    Raised at the end of that epoch, before its evaluation, topology update and
+    checkpoint, so the last checkpoint written is the last finite state.
+    """
+
+    def __init__(self, epoch: int, train_loss: float, lr: float):
+        self.epoch, self.train_loss, self.lr = epoch, train_loss, lr
+        super().__init__(f"training diverged: the training loss of epoch {epoch} is {train_loss} "
+                         f"(learning rate {lr:g}); lower --lr or try another --seed")
 
 
 def make_optimizer(args, params) -> torch.optim.Optimizer:
@@ -220,6 +233,8 @@ class Run:
         if bar is not None:
             bar.close()
         train_s = time.perf_counter() - started
+        if not math.isfinite(float(loss_sum)):
+            raise TrainingDiverged(epoch, float(loss_sum) / seen, self.optimizer.param_groups[0]["lr"])
 
         record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
                   "val_loss": None, "val_acc": None, "input_density": None,
