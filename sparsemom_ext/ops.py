@@ -278,6 +278,18 @@ def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tuple[Tensor
     return torch.ops.sparsemom.csr_transpose(row_ptr, col_idx, n_cols)
 
 
+def _feature_major(t: Tensor) -> Tensor:
+    """2-D ``t`` with the same values stored feature-major (its transpose contiguous).
+
+    The CSR kernels read their dense operands that way and copy anything else. Made
+    once here, the forward and the backward's SDDMM share one copy of the input (and
+    the backward's two kernels one of the output gradient) instead of each making
+    its own; a csr layer's output already is feature-major, so stacked csr layers
+    (through elementwise ops) copy nothing.
+    """
+    return t if t.t().is_contiguous() else t.t().contiguous().t()
+
+
 def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
                col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tensor:
     """``x @ W.T + bias`` (``x``: ``(*, in_features)``) with autograd for ``x``, ``values``, ``bias``.
@@ -288,8 +300,8 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     is ``(*, n_rows)``, feature-major in memory.
     """
     lead = x.shape[:-1]
-    y = torch.ops.sparsemom.csr_linear(x.reshape(-1, x.shape[-1]), values, bias, row_ptr, col_idx,
-                                       col_ptr, row_idx, perm)
+    y = torch.ops.sparsemom.csr_linear(_feature_major(x.reshape(-1, x.shape[-1])), values, bias, row_ptr,
+                                       col_idx, col_ptr, row_idx, perm)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -384,6 +396,8 @@ def _csr_linear_setup_context(ctx, inputs, output):
 def _csr_linear_backward(ctx, grad):
     x, values, row_ptr, col_idx, col_ptr, row_idx, perm = ctx.saved_tensors
     grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad = _feature_major(grad)
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.sparsemom.csr_spmm(grad, col_ptr, row_idx, values, perm, None)
     if ctx.needs_input_grad[1]:

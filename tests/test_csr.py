@@ -214,6 +214,50 @@ def check_sddmm(a, b, row_ptr, col_idx):
     return out
 
 
+def _wide_structure(n_rows, n_cols, density, seed, shuffle=False):
+    g = seeded(seed)
+    mask = torch.rand(n_rows, n_cols, generator=g) < density
+    mask[3] = False  # an empty row
+    row_ptr, col_idx = ops.csr_from_mask(mask)
+    if shuffle:  # columns in no order within each row: chunks must still take every nonzero once
+        for r in range(n_rows):
+            a, b = int(row_ptr[r]), int(row_ptr[r + 1])
+            col_idx[a:b] = col_idx[a:b][torch.randperm(b - a, generator=g)]
+    return row_ptr, col_idx
+
+
+# The CPU kernels take the columns of a wide, dense-enough matrix in L2-sized chunks
+# (csr_cpu.cpp: 512 KiB of the input tile, at least 32 nonzeros per row and chunk):
+# 4096 columns x 128 batch lanes at density 0.15 is chunked (1024 columns per chunk),
+# a 16-wide batch slice or density 0.0075 is not. Chunking must change no bit.
+@pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
+def test_cpu_column_chunking_changes_no_result(shuffle):
+    n_rows, n_cols, batch = 40, 4096, 160
+    row_ptr, col_idx = _wide_structure(n_rows, n_cols, 0.15, seed=1, shuffle=shuffle)
+    g = seeded(2)
+    values = torch.randn(col_idx.numel(), generator=g)
+    bias = torch.randn(n_rows, generator=g)
+    x, dy = torch.randn(batch, n_cols, generator=g), torch.randn(batch, n_rows, generator=g)
+    y = ops.csr_spmm(x, row_ptr, col_idx, values, None, bias)
+    torch.testing.assert_close(y, reference.csr_spmm(x, row_ptr, col_idx, values, None, bias),
+                               rtol=1e-4, atol=1e-3)
+    # Batch slices of 16 are not chunked; each output adds the same terms in the same order.
+    sliced = torch.cat([ops.csr_spmm(x[i:i + 16], row_ptr, col_idx, values, None, bias)
+                        for i in range(0, batch, 16)])
+    assert torch.equal(y, sliced)
+    # SDDMM: each nonzero's dot product is independent of the others, so a sparse subset
+    # (too sparse to be chunked) must give the same bits at its positions.
+    out = ops.csr_sddmm(dy, x, row_ptr, col_idx)
+    torch.testing.assert_close(out, reference.csr_sddmm(dy, x, row_ptr, col_idx), rtol=1e-4, atol=1e-3)
+    keep = torch.zeros(col_idx.numel(), dtype=torch.bool)
+    keep[::20] = True
+    rows = torch.repeat_interleave(torch.arange(n_rows), (row_ptr[1:] - row_ptr[:-1]).long())
+    sub_ptr = torch.zeros(n_rows + 1, dtype=torch.int32)
+    sub_ptr[1:] = torch.bincount(rows[keep], minlength=n_rows).cumsum(0)
+    sub = ops.csr_sddmm(dy, x, sub_ptr, col_idx[keep])
+    assert torch.equal(sub, out[keep])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", STRUCTURES)
@@ -559,6 +603,14 @@ results = dict(
     sddmm=ops.csr_sddmm(dy, x, row_ptr, col_idx),
     sddmm_small=ops.csr_sddmm(dy[:21], x[:21], row_ptr, col_idx),
 )
+# A wide, dense-enough matrix: the kernels take its columns in chunks (see csr_cpu.cpp).
+wide = torch.rand(40, 4096, generator=g) < 0.15
+wide_ptr, wide_idx = ops.csr_from_mask(wide)
+wide_values = torch.randn(wide_idx.numel(), generator=g)
+wx, wdy = torch.randn(130, 4096, generator=g), torch.randn(130, 40, generator=g)
+inputs.update(wide_ptr=wide_ptr, wide_idx=wide_idx, wide_values=wide_values, wx=wx, wdy=wdy)
+results.update(spmm_chunked=ops.csr_spmm(wx, wide_ptr, wide_idx, wide_values, None, None),
+               sddmm_chunked=ops.csr_sddmm(wdy, wx, wide_ptr, wide_idx))
 torch.save(dict(isa=sm.build_info()["cpu_isa"], inputs=inputs, results=results), sys.argv[1])
 """
 
@@ -589,6 +641,8 @@ def test_csr_isa_variants_are_bitwise_identical(tmp_path):
         "spmm": reference.csr_spmm(i["x"], i["row_ptr"], i["col_idx"], i["values"], None, i["bias"]),
         "spmm_t": reference.csr_spmm(i["dy"], i["col_ptr"], i["row_idx"], i["values"], i["perm"], i["bias_t"]),
         "sddmm": reference.csr_sddmm(i["dy"], i["x"], i["row_ptr"], i["col_idx"]),
+        "spmm_chunked": reference.csr_spmm(i["wx"], i["wide_ptr"], i["wide_idx"], i["wide_values"], None, None),
+        "sddmm_chunked": reference.csr_sddmm(i["wdy"], i["wx"], i["wide_ptr"], i["wide_idx"]),
     }
     for name, expected in check.items():
         torch.testing.assert_close(baseline[name], expected, rtol=1e-4, atol=1e-4, msg=name)

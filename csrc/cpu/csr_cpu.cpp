@@ -40,6 +40,8 @@ struct SpmmArgs {
   float* yt;                  // (n_rows, batch) contiguous
   int64_t batch;
   int64_t nnz;
+  int64_t n_cols;
+  int64_t chunk_cols;  // columns per chunk (see csr_kernels.inc); n_cols: not chunked
 };
 
 struct SddmmArgs {
@@ -50,6 +52,8 @@ struct SddmmArgs {
   float* out;       // (nnz,)
   int64_t batch;
   int64_t nnz;
+  int64_t n_cols;
+  int64_t chunk_cols;
 };
 
 // Batch entries per register tile: 8 vectors of 16 floats. A tile of the
@@ -57,6 +61,24 @@ struct SddmmArgs {
 constexpr int64_t kTileLanes = 128;
 // How many nonzeros ahead the kernels prefetch the input tile they will read.
 constexpr int64_t kPrefetchAhead = 16;
+
+// Column chunking (csr_kernels.inc): when the input tile of all columns does not
+// fit in L2 (2 MiB for 4096 features at 128 lanes), rows go in blocks of
+// kRowBlock over chunks of columns whose input tile is kChunkBytes, so that what
+// a block reads stays in L2. It costs a store and a reload of each row's output
+// tile per chunk, so it is used only when rows have at least
+// kMinNonzerosPerRowChunk nonzeros per chunk on average. On the 128 x 4096 ->
+// 4096 layer at density 0.1 it made the forward about 1.3x faster (one thread).
+constexpr int64_t kRowBlock = 256;
+constexpr int64_t kChunkBytes = 512 * 1024;
+constexpr int64_t kMinNonzerosPerRowChunk = 32;
+
+int64_t chunk_columns(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch) {
+  const int64_t lanes = std::clamp<int64_t>(batch, 1, kTileLanes);
+  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (lanes * static_cast<int64_t>(sizeof(float))));
+  if (chunk >= n_cols || nnz * chunk < kMinNonzerosPerRowChunk * n_rows * n_cols) return n_cols;
+  return chunk;
+}
 
 // ----------------------------------------------------------------- vector types
 // Each is 16 float lanes with the same per-lane arithmetic (one rounding per
@@ -150,6 +172,13 @@ struct V {
 }  // namespace isa_avx2
 SPARSEMOM_END_TARGET
 
+// GCC 12 reports the undefined-vector placeholders inside its own AVX-512 intrinsic
+// headers as maybe-uninitialized once they are inlined into the kernels below (a
+// false positive: those lanes are never read).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 SPARSEMOM_BEGIN_TARGET("avx512f,avx512vl,avx512dq,avx2,fma")
 namespace isa_avx512 {
 struct V {
@@ -180,6 +209,9 @@ struct V {
 #include "csr_kernels.inc"
 }  // namespace isa_avx512
 SPARSEMOM_END_TARGET
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #undef SPARSEMOM_REDUCE8
 #endif  // SPARSEMOM_HAVE_X86_ISA_VARIANTS
 
@@ -359,8 +391,10 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at
   if (batch == 0 || n_rows == 0) return yt.t();
   const int32_t* rp_p = rp.data_ptr<int32_t>();
   if (x.scalar_type() == at::kFloat) {
+    const int64_t n_cols = x.size(1);
     const SpmmArgs args{rp_p, ci.data_ptr<int32_t>(), vals.data_ptr<float>(),
-                        data_or_null<float>(b), xt.data_ptr<float>(), yt.data_ptr<float>(), batch, ci.numel()};
+                        data_or_null<float>(b), xt.data_ptr<float>(), yt.data_ptr<float>(), batch, ci.numel(),
+                        n_cols, chunk_columns(n_rows, n_cols, ci.numel(), batch)};
     const RowsFn<SpmmArgs> rows = SPARSEMOM_ROWS_FN(spmm_rows);
     parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
   } else {
@@ -386,8 +420,9 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
   at::Tensor out = at::empty({nnz}, a.options());
   const int32_t* rp_p = rp.data_ptr<int32_t>();
   if (a.scalar_type() == at::kFloat) {
+    const int64_t n_cols = b.size(1);
     const SddmmArgs args{rp_p, ci.data_ptr<int32_t>(), at_.data_ptr<float>(), bt.data_ptr<float>(),
-                         out.data_ptr<float>(), batch, nnz};
+                         out.data_ptr<float>(), batch, nnz, n_cols, chunk_columns(n_rows, n_cols, nnz, batch)};
     const RowsFn<SddmmArgs> rows = SPARSEMOM_ROWS_FN(sddmm_rows);
     parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
   } else {
