@@ -60,3 +60,19 @@ def run_opcheck(samples) -> int:
         torch.library.opcheck(op, args)
         count += 1
     return count
+
+
+def train_steps(model, optimizer, engine, steps, seed=3, batch=8):
+    """``steps`` training steps of ``model`` (a Sequential whose first layer is linear) on
+    seeded random batches in the model's dtype, loss = mean square of the output; the
+    engine, if any, steps after the optimizer."""
+    g = torch.Generator().manual_seed(seed)
+    n_in = model[0].in_features
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(batch, n_in, generator=g, dtype=dtype)
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        if engine is not None:
+            engine.step()

@@ -22,6 +22,8 @@ from sparsemom_ext.sparsity.engine import SparseMomentum
 from sparsemom_ext.sparsity.sampling import grabo_factors, sample_inactive
 from sparsemom_ext.sparsity.topology import flat_indices, relayout_plan, structure_from_flat
 
+from conftest import train_steps
+
 
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -45,19 +47,6 @@ def make_optimizer(name, params):
         "adamw": lambda: torch.optim.AdamW(params, lr=1e-2, amsgrad=True),
         "sm_adamw": lambda: sm.optim.AdamW(params, lr=1e-2),
     }[name]()
-
-
-def train(model, opt, engine, steps, seed=3, batch=8):
-    g = seeded(seed)
-    n_in = model[0].in_features
-    dtype = next(model.parameters()).dtype
-    for _ in range(steps):
-        x = torch.randn(batch, n_in, generator=g, dtype=dtype)
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        if engine is not None:
-            engine.step()
 
 
 def check_structure(layer):
@@ -115,7 +104,7 @@ def test_optimizer_state_follows_the_weights(opt_name, growth):
     opt = make_optimizer(opt_name, model.parameters())
     engine = SparseMomentum(model, opt, prune_rate=0.4, update_every=4, total_steps=100, growth=growth,
                             redistribution="magnitude", window=3)
-    train(model, opt, engine, steps=3)
+    train_steps(model, opt, engine, steps=3)
     x = torch.randn(8, 12, generator=seeded(4), dtype=torch.float64)
     opt.zero_grad()
     model(x).square().mean().backward()
@@ -150,7 +139,7 @@ def test_optimizer_state_follows_the_weights(opt_name, growth):
         new_weight = layer.dense_weight()
         assert torch.equal(new_weight[kept], old_weight[kept])
         assert not new_weight[grown].any()
-    train(model, opt, engine, steps=2, seed=5)  # the optimizer keeps working on the resized state
+    train_steps(model, opt, engine, steps=2, seed=5)  # the optimizer keeps working on the resized state
 
 
 def test_csr_gradients_equal_the_masked_dense_layer():
@@ -195,7 +184,7 @@ def test_property_counts_are_exact_and_structures_stay_canonical(sizes, density,
     for _ in range(4):
         masks_before = [w.mask.clone() for w in engine.weights]
         counts_before = [w.count() for w in engine.weights]
-        train(model, opt, engine, steps=2, seed=seed)
+        train_steps(model, opt, engine, steps=2, seed=seed)
         records = engine.history[-len(engine.weights):]
         assert sum(w.count() for w in engine.weights) == total  # the global count never drifts
         for w, r, old_mask, old_count in zip(engine.weights, records, masks_before, counts_before):
@@ -216,7 +205,7 @@ def test_gse_grows_no_more_than_its_candidates():
     engine = SparseMomentum(model, opt, prune_rate=1.0, decay="constant", update_every=1, growth="gse",
                             candidates=0.25, redistribution="none")
     counts = [w.count() for w in engine.weights]
-    train(model, opt, engine, steps=1)
+    train_steps(model, opt, engine, steps=1)
     for record, count in zip(engine.history, counts):
         assert record.pruned == record.grown == math.ceil(0.25 * count)
 
@@ -294,7 +283,7 @@ def test_same_seed_same_candidates_and_topology():
         model = mlp("csr", seed=2)
         opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         engine = SparseMomentum(model, opt, update_every=3, total_steps=20, growth="gse", sampling="grabo", seed=11)
-        train(model, opt, engine, steps=10)
+        train_steps(model, opt, engine, steps=10)
         structures.append([w.module.col_idx.clone() for w in engine.weights])
     for a, b in zip(*structures):
         assert torch.equal(a, b)
@@ -373,9 +362,9 @@ def test_resumed_csr_run_continues_identically(growth):
         return model, opt, engine
 
     model, opt, engine = build(0)
-    train(model, opt, engine, steps=total, seed=9)
+    train_steps(model, opt, engine, steps=total, seed=9)
     model_a, opt_a, engine_a = build(0)
-    train(model_a, opt_a, engine_a, steps=resume_at, seed=9)
+    train_steps(model_a, opt_a, engine_a, steps=resume_at, seed=9)
     saved = copy.deepcopy((model_a.state_dict(), opt_a.state_dict(), engine_a.state_dict()))
     if growth == "momentum":
         assert saved[2]["windows"], "the checkpoint is taken inside a window"
@@ -401,7 +390,7 @@ def test_loading_engine_state_before_the_model_is_a_clear_error():
     model, opt = mlp("csr"), None
     opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     engine = SparseMomentum(model, opt, update_every=2, total_steps=10, growth="gse", prune_rate=0.5)
-    train(model, opt, engine, steps=2)
+    train_steps(model, opt, engine, steps=2)
     other = mlp("csr", density=0.5)
     other_engine = SparseMomentum(other, sm.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), total_steps=10)
     with pytest.raises(ValueError, match="load the model's state_dict"):
@@ -439,7 +428,7 @@ def test_csr_momentum_learns_the_epoch_length_and_updates_at_epoch_ends():
     opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     engine = SparseMomentum(model, opt, total_steps=3 * 7, window=4)  # growth="momentum", epoch-end updates
     for epoch in range(3):
-        train(model, opt, engine, steps=7, seed=epoch)
+        train_steps(model, opt, engine, steps=7, seed=epoch)
         if epoch == 1:
             assert engine._windows, "the second epoch's window opened before its end"
         engine.end_of_epoch()

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 import sparsemom_ext as sm
 from sparsemom_ext.sparsity.engine import SparseMomentum, apportion, prune_rate_at
 
+from conftest import train_steps
+
 
 def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
     """A plain MLP whose weights carry masks (the engine needs nothing else)."""
@@ -29,18 +31,6 @@ def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
             sm.attach_mask(module.weight, mask)
             sm.mask_apply_(module.weight.data, mask)
     return model
-
-
-def train_steps(model, optimizer, engine, steps, seed=3, zero_grad_after=False):
-    g = torch.Generator().manual_seed(seed)
-    n_in = model[0].in_features
-    for _ in range(steps):
-        x = torch.randn(8, n_in, generator=g, dtype=torch.float64)
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-        if engine is not None:
-            engine.step()
 
 
 def masks_of(model):

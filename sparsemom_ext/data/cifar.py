@@ -24,6 +24,8 @@ from typing import Tuple, Union
 
 import numpy as np
 
+from .idx import existing_directory
+
 __all__ = ["CIFAR10_FILES", "CIFAR10_SHAPE", "load_cifar10", "read_cifar_batch"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -135,11 +137,7 @@ def load_cifar10(root: PathLike, split: str = "train") -> Tuple[np.ndarray, np.n
     """
     if split not in CIFAR10_FILES:
         raise ValueError(f"split must be one of {', '.join(map(repr, CIFAR10_FILES))}; got {split!r}")
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"CIFAR-10 data directory {root} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"CIFAR-10 data root {root} is not a directory")
+    root = existing_directory(root, "CIFAR-10")
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     names = CIFAR10_FILES[split]

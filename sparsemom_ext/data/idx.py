@@ -163,6 +163,17 @@ def _candidates(stem: str, kind: str, ndim: int):
     return [*names, *(n + ".gz" for n in names)]
 
 
+def existing_directory(root: Union[str, os.PathLike], what: str) -> Path:
+    """``root`` as a Path; FileNotFoundError / NotADirectoryError naming ``what`` data
+    (e.g. "IDX", "CIFAR-10") when it does not exist or is not a directory."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{what} data directory {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{what} data root {root} is not a directory")
+    return root
+
+
 def _find(root: Path, split: str, prefix: str, kind: str, ndim: int) -> Path:
     looked_for = []
     for stem in SPLITS[split]:
@@ -258,11 +269,7 @@ def load_idx_dataset(
         )
     if verify not in (True, False, None):
         raise ValueError(f"verify must be True, False or None; got {verify!r}")
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"IDX data directory {root} does not exist (root={str(root)!r})")
-    if not root.is_dir():
-        raise NotADirectoryError(f"IDX data root {root} is not a directory")
+    root = existing_directory(root, "IDX")
 
     images_path = _find(root, split, prefix, "images", 3)
     labels_path = _find(root, split, prefix, "labels", 1)
