@@ -281,8 +281,7 @@ void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int
   }
 }
 
-void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,
-                            int64_t nnz, int64_t n_cols, const int32_t* value_perm) {
+void check_csr_row_ptr_host(const int32_t* row_ptr, int64_t n_rows, int64_t nnz) {
   TORCH_CHECK_VALUE(row_ptr[0] == 0, "row_ptr must start at 0, got row_ptr[0]=", row_ptr[0]);
   TORCH_CHECK_VALUE(row_ptr[n_rows] == nnz, "row_ptr must end at nnz = col_idx.numel() = ", nnz,
                     ", got row_ptr[-1]=", row_ptr[n_rows]);
@@ -290,24 +289,38 @@ void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_
     TORCH_CHECK_VALUE(row_ptr[r + 1] >= row_ptr[r], "row_ptr must be non-decreasing, got row_ptr[",
                       r, "]=", row_ptr[r], " > row_ptr[", r + 1, "]=", row_ptr[r + 1]);
   }
-  // Unsigned compare: one branch catches negative and too-large indices; the
-  // loop has no early exit so it vectorises, and the message is built after.
-  const auto n_cols_u = static_cast<uint32_t>(n_cols);
+}
+
+namespace {
+// Raises naming the first entry of `index` (n entries) outside [0, bound).
+// Unsigned compare: one branch catches negative and too-large entries; the
+// scan has no early exit so it vectorises, and the message is built after.
+void check_indices_below(const int32_t* index, int64_t n, int64_t bound, const char* name,
+                         const char* bound_name) {
+  const auto bound_u = static_cast<uint64_t>(bound);
   uint32_t bad = 0;
-  for (int64_t k = 0; k < nnz; ++k) bad |= static_cast<uint32_t>(col_idx[k]) >= n_cols_u;
-  if (bad) {
-    for (int64_t k = 0; k < nnz; ++k) {
-      TORCH_CHECK_VALUE(col_idx[k] >= 0 && col_idx[k] < n_cols, "col_idx must be in [0, n_cols = ",
-                        n_cols, "), got col_idx[", k, "]=", col_idx[k]);
-    }
+  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint32_t>(index[k]) >= bound_u;
+  if (!bad) return;
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK_VALUE(index[k] >= 0 && index[k] < bound, name, " must be in [0, ", bound_name, " = ",
+                      bound, "), got ", name, "[", k, "]=", index[k]);
   }
-  if (value_perm != nullptr) {
-    const auto nnz_u = static_cast<uint32_t>(nnz);
-    for (int64_t k = 0; k < nnz; ++k) {
-      TORCH_CHECK_VALUE(static_cast<uint32_t>(value_perm[k]) < nnz_u, "value_perm must be in [0, nnz = ",
-                        nnz, "), got value_perm[", k, "]=", value_perm[k]);
-    }
-  }
+}
+}  // namespace
+
+void check_csr_col_idx_host(const int32_t* col_idx, int64_t nnz, int64_t n_cols) {
+  check_indices_below(col_idx, nnz, n_cols, "col_idx", "n_cols");
+}
+
+void check_value_perm_host(const int32_t* value_perm, int64_t nnz) {
+  check_indices_below(value_perm, nnz, nnz, "value_perm", "nnz");
+}
+
+void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,
+                            int64_t nnz, int64_t n_cols, const int32_t* value_perm) {
+  check_csr_row_ptr_host(row_ptr, n_rows, nnz);
+  check_csr_col_idx_host(col_idx, nnz, n_cols);
+  if (value_perm != nullptr) check_value_perm_host(value_perm, nnz);
 }
 
 }  // namespace sparsemom

@@ -31,8 +31,18 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::
   return spmm.call(x, row_ptr, col_idx, values, std::nullopt, bias);
 }
 
+// transpose_contiguous, the layout change csr_linear's inputs go through, on
+// devices without a kernel of their own (the CPU has a blocked one, csr_cpu.cpp).
+at::Tensor transpose_contiguous(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
+  return x.t().clone(at::MemoryFormat::Contiguous);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsemom, CompositeExplicitAutograd, m) { m.impl("csr_linear", &csr_linear); }
+TORCH_LIBRARY_IMPL(sparsemom, CompositeExplicitAutograd, m) {
+  m.impl("csr_linear", &csr_linear);
+  m.impl("transpose_contiguous", &transpose_contiguous);
+}
 
 }  // namespace sparsemom

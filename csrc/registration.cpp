@@ -94,6 +94,10 @@ TORCH_LIBRARY(sparsemom, m) {
   m.def(
       "csr_linear(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
       "Tensor col_ptr, Tensor row_idx, Tensor perm) -> Tensor");
+  // transpose_contiguous: x.t().contiguous() of a 2-D x, always a new tensor. Turns
+  // (batch, features) row-major into the feature-major layout the CSR kernels read
+  // (as .t() of the result) and back; differentiable (ops.py).
+  m.def("transpose_contiguous(Tensor x) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
   m.def("build_info() -> str", &build_info);
 }

@@ -39,8 +39,8 @@ void check_selection_k(int64_t k, int64_t available, const char* what);
 // that order. Shapes, dtypes and devices are checked here for every backend;
 // the index contents (row_ptr starts at 0, never decreases, ends at nnz;
 // 0 <= col_idx < n_cols; 0 <= value_perm < nnz) by check_csr_content, which
-// reads them (the CPU kernels check host memory with check_csr_content_host
-// in the pass they make anyway).
+// reads them (the CPU kernels check host memory: row_ptr up front, col_idx and
+// value_perm inside the pass they make anyway).
 void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                          const at::Tensor& values, const std::optional<at::Tensor>& value_perm,
                          const std::optional<at::Tensor>& bias);
@@ -53,6 +53,11 @@ void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int
 // The same on host memory, O(n_rows + nnz). `value_perm` may be nullptr.
 void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,
                             int64_t nnz, int64_t n_cols, const int32_t* value_perm);
+// Its parts, for kernels that validate col_idx / value_perm in the pass they
+// make anyway and call these only to raise the message once they found a bad entry.
+void check_csr_row_ptr_host(const int32_t* row_ptr, int64_t n_rows, int64_t nnz);
+void check_csr_col_idx_host(const int32_t* col_idx, int64_t nnz, int64_t n_cols);
+void check_value_perm_host(const int32_t* value_perm, int64_t nnz);
 
 // Kernels work on dense memory. An in-place argument that is not contiguous is
 // updated in a contiguous copy (`work = target.contiguous()`) and written back

@@ -3,6 +3,7 @@ conversions against their pure-PyTorch references, over devices x dtypes x struc
 batch sizes; autograd, opcheck, bad input and bit-identity of the CPU ISA variants."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -258,6 +259,45 @@ def test_cpu_column_chunking_changes_no_result(shuffle):
     assert torch.equal(sub, out[keep])
 
 
+# The float CPU kernels validate col_idx in the pass they make anyway (a row stops at
+# a column out of range and the op raises); they must catch one anywhere: in the
+# last or a middle chunk of a chunked matrix, in the batch's tail tile, first in a row
+# or after valid ones, and with an empty batch (checked up front: no kernel pass).
+@pytest.mark.parametrize("batch", [0, 16, 130])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
+@pytest.mark.parametrize("bad", [-1, 4096, 2**31 - 1, -2**31])
+def test_cpu_kernels_catch_a_column_out_of_range_anywhere(batch, shuffle, bad):
+    n_rows, n_cols = 40, 4096
+    row_ptr, col_idx = _wide_structure(n_rows, n_cols, 0.15, seed=3, shuffle=shuffle)
+    g = seeded(4)
+    x, dy = torch.randn(batch, n_cols, generator=g), torch.randn(batch, n_rows, generator=g)
+    values = torch.randn(col_idx.numel(), generator=g)
+    for k in (0, int(row_ptr[7]) + 5, int(row_ptr[20]) + 300, col_idx.numel() - 1):
+        broken = col_idx.clone()
+        broken[k] = bad
+        message = f"col_idx must be in [0, n_cols = {n_cols}), got col_idx[{k}]={bad}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ops.csr_spmm(x, row_ptr, broken, values, None, None)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ops.csr_sddmm(dy, x, row_ptr, broken)
+    # The same structure unbroken goes through.
+    assert ops.csr_spmm(x, row_ptr, col_idx, values, None, None).shape == (batch, n_rows)
+
+
+def test_cpu_value_perm_out_of_range_is_caught_by_the_gather():
+    row_ptr, col_idx = _wide_structure(40, 4096, 0.15, seed=5)
+    col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, 4096)
+    values = torch.randn(col_idx.numel())
+    dy = torch.randn(8, 40)
+    nnz = perm.numel()
+    for k, bad in ((0, -1), (nnz // 2, nnz), (nnz - 1, 2**31 - 1)):
+        broken = perm.clone()
+        broken[k] = bad
+        with pytest.raises(ValueError, match=re.escape(f"value_perm must be in [0, nnz = {nnz}), "
+                                                       f"got value_perm[{k}]={bad}")):
+            ops.csr_spmm(dy, col_ptr, row_idx, values, broken, None)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", STRUCTURES)
@@ -436,6 +476,42 @@ def test_csr_linear_empty_batch_backward(device):
     assert torch.equal(bias.grad, torch.zeros(7, device=device))
 
 
+# --------------------------------------------------------------------------- transpose_contiguous
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.int64, torch.int8, torch.bool, torch.complex128], ids=str)
+@pytest.mark.parametrize("layout", ["row_major", "feature_major", "strided", "sliced"])
+@pytest.mark.parametrize("shape", [(128, 300), (33, 65), (1, 7), (0, 5)])
+def test_transpose_contiguous_matches_torch(device, dtype, layout, shape):
+    g = seeded(13)
+    base = (torch.randn(shape, generator=g) * 50).to(dtype).to(device)
+    padded = torch.zeros((2 * shape[0], shape[1] + 3), dtype=dtype, device=device)
+    padded[::2, 1:-2] = base
+    x = {"row_major": base, "feature_major": base.t().contiguous().t(), "strided": non_contiguous(base),
+         "sliced": padded[::2, 1:-2]}[layout]
+    assert torch.equal(x, base)
+    out = torch.ops.sparsemom.transpose_contiguous(x)
+    assert out.is_contiguous() and out.dtype == dtype and out.device == x.device
+    assert torch.equal(out, base.t())
+    if out.numel() > 0:
+        assert out.data_ptr() != x.data_ptr()  # always a new tensor, never a view of x
+
+
+def test_transpose_contiguous_gradient_comes_back_in_the_input_layout():
+    g = seeded(14)
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.sparsemom.transpose_contiguous, (x,))
+    weights = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    (torch.ops.sparsemom.transpose_contiguous(x) * weights).sum().backward()
+    assert torch.equal(x.grad, weights.t()) and x.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4), ()])
+def test_transpose_contiguous_rejects_other_than_2d(shape):
+    with pytest.raises(ValueError, match=re.escape(f"x must be 2-D, got shape [{', '.join(map(str, shape))}]")):
+        torch.ops.sparsemom.transpose_contiguous(torch.zeros(shape))
+
+
 # --------------------------------------------------------------------------- opcheck
 def _opcheck_samples(device):
     g = seeded(10)
@@ -449,6 +525,7 @@ def _opcheck_samples(device):
     yield torch.ops.sparsemom.csr_spmm.default, (r(0, 7), col_ptr, row_idx, values, perm, None)
     yield torch.ops.sparsemom.csr_sddmm.default, (r(6, 7), r(6, 9), row_ptr, col_idx)
     yield torch.ops.sparsemom.csr_transpose.default, (row_ptr, col_idx, 9)
+    yield torch.ops.sparsemom.transpose_contiguous.default, (r(5, 9).requires_grad_(),)
     yield torch.ops.sparsemom.csr_linear.default, (
         r(4, 9).requires_grad_(), values.clone().requires_grad_(), r(7).requires_grad_(),
         row_ptr, col_idx, col_ptr, row_idx, perm)
@@ -460,7 +537,7 @@ def _opcheck_samples(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    assert run_opcheck(_opcheck_samples(device)) == 8
+    assert run_opcheck(_opcheck_samples(device)) == 9
 
 
 # --------------------------------------------------------------------------- bad input

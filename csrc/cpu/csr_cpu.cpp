@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -215,8 +216,9 @@ SPARSEMOM_END_TARGET
 #undef SPARSEMOM_REDUCE8
 #endif  // SPARSEMOM_HAVE_X86_ISA_VARIANTS
 
+// Returns false if a column was out of range (the kernels validate col_idx).
 template <typename Args>
-using RowsFn = void (*)(const Args&, int64_t, int64_t);
+using RowsFn = bool (*)(const Args&, int64_t, int64_t);
 
 #if SPARSEMOM_HAVE_X86_ISA_VARIANTS
 #define SPARSEMOM_ROWS_FN(name) \
@@ -259,6 +261,21 @@ void parallel_over_rows(const int32_t* row_ptr, int64_t n_rows, int64_t batch, c
       fn(first_row_at(p * work / parts), first_row_at((p + 1) * work / parts));
     }
   });
+}
+
+// Runs a float kernel over all rows in parallel; raises the col_idx message if
+// any part found a column out of range (its output is then incomplete).
+template <typename Args>
+void run_checking_columns(RowsFn<Args> rows, const Args& args, const int32_t* row_ptr, int64_t n_rows,
+                          const int32_t* col_idx) {
+  std::atomic<bool> complete{true};
+  parallel_over_rows(row_ptr, n_rows, args.batch, [&](int64_t r0, int64_t r1) {
+    if (!rows(args, r0, r1)) complete = false;
+  });
+  if (!complete) {
+    check_csr_col_idx_host(col_idx, args.nnz, args.n_cols);
+    TORCH_INTERNAL_ASSERT(false, "a CSR kernel stopped short of a row's end with every column in range");
+  }
 }
 
 // ------------------------------------------------- other dtypes (plain loops)
@@ -331,6 +348,8 @@ void transpose_blocked(const T* src, int64_t stride0, int64_t stride1, int64_t r
 at::Tensor transposed_contiguous(const at::Tensor& x) {
   const at::Tensor t = x.t();
   if (t.is_contiguous()) return t;
+  const int64_t element_size = x.element_size();
+  if (element_size != 2 && element_size != 4 && element_size != 8) return t.contiguous();
   at::Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
   if (out.numel() == 0) return out;
   auto run = [&](auto zero) {
@@ -352,23 +371,42 @@ at::Tensor transposed_contiguous(const at::Tensor& x) {
   return out;
 }
 
-// values[perm] as a new contiguous tensor; perm was range-checked by the caller.
+// The op: always a new tensor (transposed_contiguous returns a view when x
+// already is feature-major).
+at::Tensor transpose_contiguous_cpu(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
+  const at::Tensor t = x.t();
+  return t.is_contiguous() ? t.clone() : transposed_contiguous(x);
+}
+
+// values[perm] as a new contiguous tensor. Validates perm in the same pass: an
+// entry out of [0, nnz) is not read, and raises once the pass is done.
 at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm) {
   at::Tensor out = at::empty_like(values);
   const int64_t n = perm.numel();
   const int32_t* idx = perm.data_ptr<int32_t>();
+  std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "gather_values", [&] {
     const scalar_t* src = values.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
+    const auto n_u = static_cast<uint64_t>(n);
     at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
       // Random reads: keep many misses in flight by touching the lines well ahead.
       constexpr int64_t kAhead = 64;
+      uint32_t bad = 0;
       for (int64_t j = begin; j < end; ++j) {
         if (j + kAhead < end) __builtin_prefetch(src + idx[j + kAhead], 0, 3);
-        dst[j] = src[idx[j]];
+        const auto i = static_cast<uint32_t>(idx[j]);
+        bad |= i >= n_u;
+        dst[j] = src[i < n_u ? i : 0];
       }
+      if (bad) out_of_range = true;
     });
   });
+  if (out_of_range) {
+    check_value_perm_host(idx, n);
+    TORCH_INTERNAL_ASSERT(false, "gather_values found an entry out of range that the check did not");
+  }
   return out;
 }
 
@@ -378,9 +416,12 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at
   check_csr_spmm_args(x, row_ptr, col_idx, values, value_perm, bias);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const at::Tensor perm = contiguous_or_undefined(value_perm);
-  const int64_t n_rows = rp.numel() - 1, batch = x.size(0);
-  check_csr_content_host(rp.data_ptr<int32_t>(), n_rows, ci.data_ptr<int32_t>(), ci.numel(), x.size(1),
-                         data_or_null<int32_t>(perm));
+  const int64_t n_rows = rp.numel() - 1, batch = x.size(0), n_cols = x.size(1);
+  check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_rows, ci.numel());
+  // The float kernel validates col_idx as it reads it; other dtypes and an empty
+  // batch (no kernel pass) check it here. value_perm is validated by its gather.
+  const bool kernel_checks_columns = x.scalar_type() == at::kFloat && batch > 0;
+  if (!kernel_checks_columns) check_csr_col_idx_host(ci.data_ptr<int32_t>(), ci.numel(), n_cols);
   const at::Tensor xt = transposed_contiguous(x);
   // Through value_perm each nonzero's value is a scattered read (a cache miss per
   // nonzero inside the kernel, which costs more than its multiply-adds); one
@@ -390,13 +431,11 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at
   at::Tensor yt = at::empty({n_rows, batch}, x.options());
   if (batch == 0 || n_rows == 0) return yt.t();
   const int32_t* rp_p = rp.data_ptr<int32_t>();
-  if (x.scalar_type() == at::kFloat) {
-    const int64_t n_cols = x.size(1);
+  if (kernel_checks_columns) {
     const SpmmArgs args{rp_p, ci.data_ptr<int32_t>(), vals.data_ptr<float>(),
                         data_or_null<float>(b), xt.data_ptr<float>(), yt.data_ptr<float>(), batch, ci.numel(),
                         n_cols, chunk_columns(n_rows, n_cols, ci.numel(), batch)};
-    const RowsFn<SpmmArgs> rows = SPARSEMOM_ROWS_FN(spmm_rows);
-    parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
+    run_checking_columns(SPARSEMOM_ROWS_FN(spmm_rows), args, rp_p, n_rows, ci.data_ptr<int32_t>());
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_spmm_cpu", [&] {
       parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) {
@@ -413,18 +452,19 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
                          const at::Tensor& col_idx) {
   check_csr_sddmm_args(a, b, row_ptr, col_idx);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const int64_t n_rows = rp.numel() - 1, nnz = ci.numel(), batch = a.size(0);
-  check_csr_content_host(rp.data_ptr<int32_t>(), n_rows, ci.data_ptr<int32_t>(), nnz, b.size(1), nullptr);
+  const int64_t n_rows = rp.numel() - 1, nnz = ci.numel(), batch = a.size(0), n_cols = b.size(1);
+  check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_rows, nnz);
+  // As in csr_spmm_cpu: the float kernel validates col_idx as it reads it.
+  const bool kernel_checks_columns = a.scalar_type() == at::kFloat && batch > 0;
+  if (!kernel_checks_columns) check_csr_col_idx_host(ci.data_ptr<int32_t>(), nnz, n_cols);
   if (batch == 0 || nnz == 0) return at::zeros({nnz}, a.options());
   const at::Tensor at_ = transposed_contiguous(a), bt = transposed_contiguous(b);
   at::Tensor out = at::empty({nnz}, a.options());
   const int32_t* rp_p = rp.data_ptr<int32_t>();
-  if (a.scalar_type() == at::kFloat) {
-    const int64_t n_cols = b.size(1);
+  if (kernel_checks_columns) {
     const SddmmArgs args{rp_p, ci.data_ptr<int32_t>(), at_.data_ptr<float>(), bt.data_ptr<float>(),
                          out.data_ptr<float>(), batch, nnz, n_cols, chunk_columns(n_rows, n_cols, nnz, batch)};
-    const RowsFn<SddmmArgs> rows = SPARSEMOM_ROWS_FN(sddmm_rows);
-    parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
+    run_checking_columns(SPARSEMOM_ROWS_FN(sddmm_rows), args, rp_p, n_rows, ci.data_ptr<int32_t>());
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "csr_sddmm_cpu", [&] {
       parallel_over_rows(rp_p, n_rows, batch, [&](int64_t r0, int64_t r1) {
@@ -471,6 +511,7 @@ TORCH_LIBRARY_IMPL(sparsemom, CPU, m) {
   m.impl("csr_spmm", &csr_spmm_cpu);
   m.impl("csr_sddmm", &csr_sddmm_cpu);
   m.impl("csr_transpose", &csr_transpose_cpu);
+  m.impl("transpose_contiguous", &transpose_contiguous_cpu);
 }
 
 }  // namespace sparsemom
