@@ -463,6 +463,24 @@ def test_csr_linear_forward_backward_equal_f_linear(device, x_shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["row_major", "feature_major"])
+def test_csr_linear_gives_the_input_gradient_in_the_input_layout(device, layout):
+    # A row-major input goes through transpose_contiguous, whose backward hands the
+    # gradient back row-major; a feature-major one is read as it is and its gradient
+    # is feature-major: either way autograd keeps it as it comes (no strided copy).
+    structure = tuple(t.to(device) for t in linear_structure())
+    g = seeded(15)
+    base = torch.randn(6, 9, generator=g).to(device)
+    x = (base if layout == "row_major" else base.t().contiguous().t()).requires_grad_()
+    values = torch.randn(9, generator=g).to(device)
+    grad_y = torch.randn(6, 7, generator=g).to(device)
+    ops.csr_linear(x, values, None, *structure).backward(grad_y)
+    assert x.grad.stride() == x.stride()
+    weight = ops.csr_to_dense(values, *structure[:2], 9)
+    torch.testing.assert_close(x.grad, grad_y @ weight)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_csr_linear_empty_batch_backward(device):
     structure = tuple(t.to(device) for t in linear_structure())
     x = torch.zeros(0, 9, device=device, requires_grad=True)
