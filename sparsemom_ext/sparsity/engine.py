@@ -537,14 +537,18 @@ class SparseMomentum:
             return top_scores(pool.score, n_grow)
         if w.layout == "mask":
             return ops.momentum_grow(self._dense_score(w, momentum), w.pruned_mask(flat, keep), n_grow)
-        kept_flat = flat[keep]
         if self.growth == "random":
-            return sample_inactive(w.n_rows, w.n_cols, kept_flat, n_grow, self.generator).to(flat.device)
-        # RigL on a csr layer: one dense gradient of the layer, on the update step only.
-        kept_mask = torch.zeros(w.numel, dtype=torch.bool, device=flat.device)
-        kept_mask[kept_flat] = True
-        new_mask = ops.momentum_grow(w.dense_batch_gradient(self._probes.get(w.name)).reshape(-1), kept_mask, n_grow)
-        return (new_mask & ~kept_mask).nonzero().reshape(-1)
+            return sample_inactive(w.n_rows, w.n_cols, flat[keep], n_grow, self.generator).to(flat.device)
+        free, score = self._csr_rigl_candidates(w, flat, keep)
+        new_mask = ops.momentum_grow(score, ~free, n_grow)
+        return (new_mask & free).nonzero().reshape(-1)
+
+    def _csr_rigl_candidates(self, w, flat, keep):
+        """RigL on a csr layer: the flat bool of positions free after pruning, and the
+        layer's dense gradient as their score (computed on the update step only)."""
+        free = torch.ones(w.numel, dtype=torch.bool, device=flat.device)
+        free[flat[keep]] = False
+        return free, w.dense_batch_gradient(self._probes.get(w.name)).reshape(-1)
 
     def _select_global(self, rate, flats, counts, values, momenta, pools):
         """Global scope: prune the smallest weights of all layers, grow the largest scores of all."""
@@ -564,10 +568,8 @@ class SparseMomentum:
             if w.layout == "mask":
                 free = ~w.pruned_mask(f, k).reshape(-1)
                 score = self._dense_score(w, m).reshape(-1)
-            else:  # RigL on a csr layer
-                free = torch.ones(w.numel, dtype=torch.bool, device=f.device)
-                free[f[k]] = False
-                score = w.dense_batch_gradient(self._probes.get(w.name)).reshape(-1)
+            else:
+                free, score = self._csr_rigl_candidates(w, f, k)
             positions = free.nonzero().reshape(-1)
             pool_positions.append(positions)
             pool_scores.append(score[positions])
@@ -578,9 +580,7 @@ class SparseMomentum:
             if p is not None:
                 grown.append(c)
             elif w.layout == "mask":
-                new_mask = w.pruned_mask(f, k)
-                new_mask.view(-1)[positions[c]] = True
-                grown.append(new_mask)
+                grown.append(w.pruned_mask(f, k, positions[c]))
             else:
                 grown.append(positions[c])
         return keeps, grown, [int(c.sum()) for c in chosen]
@@ -589,8 +589,7 @@ class SparseMomentum:
         """A closure that installs the new topology of ``w`` (nothing is written before all are ready)."""
         if w.layout == "mask":
             if pool is not None:  # grown: bool over the candidates
-                new_mask = w.pruned_mask(flat, keep)
-                new_mask.view(-1)[pool.flat[grown]] = True
+                new_mask = w.pruned_mask(flat, keep, pool.flat[grown])
             else:
                 new_mask = grown
             return lambda: w.commit(new_mask)

@@ -104,10 +104,14 @@ class MaskLayer(_LayerView):
         """``signal`` (dense, the weight's shape) at the active positions ``flat``."""
         return signal.reshape(-1)[flat]
 
-    def pruned_mask(self, flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The mask after pruning: the active positions ``flat`` whose ``keep`` is False removed."""
+    def pruned_mask(self, flat: torch.Tensor, keep: torch.Tensor,
+                    grown: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mask after pruning: the active positions ``flat`` whose ``keep`` is False
+        removed (and, when given, the flat positions ``grown`` added)."""
         pruned = self.mask.clone()
         pruned.view(-1)[flat[~keep]] = False
+        if grown is not None:
+            pruned.view(-1)[grown] = True
         return pruned
 
     def batch_gradient_at(self, probe, positions):
