@@ -282,13 +282,12 @@ def _feature_major(t: Tensor) -> Tensor:
     """2-D ``t`` with the same values stored feature-major (its transpose contiguous).
 
     The CSR kernels read their dense operands that way and copy anything else. The
-    copy is ``sparsemom::transpose_contiguous`` (a blocked transpose on the CPU,
-    several times faster than ``.t().contiguous()``; its backward hands the
-    gradient back in the input's layout). Made
-    once here, the forward and the backward's SDDMM share one copy of the input (and
-    the backward's two kernels one of the output gradient) instead of each making
-    its own; a csr layer's output already is feature-major, so stacked csr layers
-    (through elementwise ops) copy nothing.
+    copy is ``sparsemom::transpose_contiguous`` (on the CPU a blocked transpose, about
+    2.5x faster than ``.t().contiguous()`` for 128 x 4096; its backward hands the
+    gradient back row-major). Made once here, the forward and the backward's SDDMM
+    share one copy of the input (and the backward's two kernels one of the output
+    gradient) instead of each making its own; a csr layer's output already is
+    feature-major, so stacked csr layers (through elementwise ops) copy nothing.
     """
     return t if t.t().is_contiguous() else torch.ops.sparsemom.transpose_contiguous(t).t()
 
@@ -300,8 +299,8 @@ def _transpose_contiguous_fake(x):
 
 
 def _transpose_contiguous_backward(ctx, grad):
-    # The gradient in the input's layout, row-major when the input was (what
-    # autograd would otherwise copy it to, with a slow strided copy).
+    # The gradient contiguous in the input's shape: a row-major input's own layout,
+    # which autograd would otherwise reach with a slow strided copy.
     return torch.ops.sparsemom.transpose_contiguous(grad)
 
 
