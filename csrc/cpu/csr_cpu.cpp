@@ -278,6 +278,16 @@ void run_checking_columns(RowsFn<Args> rows, const Args& args, const int32_t* ro
   }
 }
 
+// The float kernels validate col_idx as they read it (run_checking_columns);
+// other dtypes, and an empty batch (no kernel pass), check it here. Returns
+// whether the kernel will.
+bool check_columns_unless_kernel_does(const at::Tensor& col_idx, int64_t n_cols, at::ScalarType dtype,
+                                      int64_t batch) {
+  const bool kernel_checks = dtype == at::kFloat && batch > 0;
+  if (!kernel_checks) check_csr_col_idx_host(col_idx.data_ptr<int32_t>(), col_idx.numel(), n_cols);
+  return kernel_checks;
+}
+
 // ------------------------------------------------- other dtypes (plain loops)
 // float64 / float16 / bfloat16: the same walk with scalar opmath accumulators
 // over batch tiles; the compiler vectorises the lane loops.
@@ -418,10 +428,8 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at
   const at::Tensor perm = contiguous_or_undefined(value_perm);
   const int64_t n_rows = rp.numel() - 1, batch = x.size(0), n_cols = x.size(1);
   check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_rows, ci.numel());
-  // The float kernel validates col_idx as it reads it; other dtypes and an empty
-  // batch (no kernel pass) check it here. value_perm is validated by its gather.
-  const bool kernel_checks_columns = x.scalar_type() == at::kFloat && batch > 0;
-  if (!kernel_checks_columns) check_csr_col_idx_host(ci.data_ptr<int32_t>(), ci.numel(), n_cols);
+  // value_perm is validated by its gather.
+  const bool kernel_checks_columns = check_columns_unless_kernel_does(ci, n_cols, x.scalar_type(), batch);
   const at::Tensor xt = transposed_contiguous(x);
   // Through value_perm each nonzero's value is a scattered read. One gather pass
   // up front makes them sequential, at nnz floats of scratch; reading them through
@@ -454,9 +462,7 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const int64_t n_rows = rp.numel() - 1, nnz = ci.numel(), batch = a.size(0), n_cols = b.size(1);
   check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_rows, nnz);
-  // As in csr_spmm_cpu: the float kernel validates col_idx as it reads it.
-  const bool kernel_checks_columns = a.scalar_type() == at::kFloat && batch > 0;
-  if (!kernel_checks_columns) check_csr_col_idx_host(ci.data_ptr<int32_t>(), nnz, n_cols);
+  const bool kernel_checks_columns = check_columns_unless_kernel_does(ci, n_cols, a.scalar_type(), batch);
   if (batch == 0 || nnz == 0) return at::zeros({nnz}, a.options());
   const at::Tensor at_ = transposed_contiguous(a), bt = transposed_contiguous(b);
   at::Tensor out = at::empty({nnz}, a.options());
