@@ -9,6 +9,8 @@
 #include "optim_math.h"
 
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -40,7 +42,8 @@ void check_selection_k(int64_t k, int64_t available, const char* what);
 // the index contents (row_ptr starts at 0, never decreases, ends at nnz;
 // 0 <= col_idx < n_cols; 0 <= value_perm < nnz) by check_csr_content, which
 // reads them (the CPU kernels check host memory: row_ptr up front, col_idx and
-// value_perm inside the pass they make anyway).
+// value_perm inside the pass they make anyway; the CUDA ops, where a read costs a
+// host sync, once per structure through check_csr_content_once).
 void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                          const at::Tensor& values, const std::optional<at::Tensor>& value_perm,
                          const std::optional<at::Tensor>& bias);
@@ -50,6 +53,17 @@ void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_i
 // Index contents with tensor ops (any device; one host sync). `value_perm` may be undefined.
 void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols,
                        const at::Tensor& value_perm);
+// check_csr_content once per structure (see memo_by_structure): what the CUDA ops call.
+void check_csr_content_once(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols,
+                            const at::Tensor& value_perm);
+// The tensor `compute()` returned for the same `tag`, `extra` and key `tensors` (undefined
+// ones allowed), or a fresh one; a call that raises is not remembered. A key tensor matches
+// only itself (the same TensorImpl, held weakly, so a freed tensor never matches a new one)
+// at the same version, data pointer and size: any in-place write through it or a view of
+// it bumps the version and misses. Writes that bypass the version counter (through
+// `.data`, numpy or DLPack) are not seen; inference tensors are never memoised.
+at::Tensor memo_by_structure(const char* tag, std::initializer_list<at::Tensor> tensors,
+                             int64_t extra, const std::function<at::Tensor()>& compute);
 // The same on host memory, O(n_rows + nnz). `value_perm` may be nullptr.
 void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,
                             int64_t nnz, int64_t n_cols, const int32_t* value_perm);

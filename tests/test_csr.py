@@ -298,6 +298,52 @@ def test_cpu_value_perm_out_of_range_is_caught_by_the_gather():
             ops.csr_spmm(dy, col_ptr, row_idx, values, broken, None)
 
 
+# On CUDA a content check costs a host sync, so the ops check a structure once per
+# topology (csrc/structure_memo.cpp) and derive its row order once: a write into the
+# structure's tensors must be seen by the next call, on every device.
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_structure_written_in_place_is_checked_again(device):
+    x, row_ptr, col_idx, values, perm, _ = spmm_case("random", 9, torch.float32, device,
+                                                     transposed=True, with_bias=False)
+    n_rows, n_cols = row_ptr.numel() - 1, x.shape[1]
+    dy = torch.randn(9, n_rows, generator=seeded(7)).to(device)
+    check_spmm(x, row_ptr, col_idx, values, perm, None)
+    check_sddmm(dy, x, row_ptr, col_idx)
+    col_message = re.escape(f"col_idx must be in [0, n_cols = {n_cols})")
+    for tensor, k, bad, message in ((col_idx, 5, n_cols, col_message),
+                                    (col_idx, -1, -1, col_message),
+                                    (perm, 3, perm.numel(), "value_perm must be in"),
+                                    (row_ptr, -1, col_idx.numel() + 1, "row_ptr must end at nnz")):
+        good = int(tensor[k])
+        tensor[k] = bad  # in place: the same tensors as the calls above
+        with pytest.raises(ValueError, match=message):
+            ops.csr_spmm(x, row_ptr, col_idx, values, perm, None)
+        if tensor is not perm:
+            with pytest.raises(ValueError, match=message):
+                ops.csr_sddmm(dy, x, row_ptr, col_idx)
+        tensor[k] = good
+        check_spmm(x, row_ptr, col_idx, values, perm, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_structure_replaced_in_place_gives_the_new_result(device):
+    # Same shape and nnz, rows of other lengths: nothing derived from the first
+    # structure (its check, its row order) may be used for the second.
+    mask = torch.rand(30, 200, generator=seeded(8)) < 0.05
+    mask[2] = True
+    first, second = ops.csr_from_mask(mask), ops.csr_from_mask(mask.flip(0))
+    row_ptr, col_idx = first[0].to(device), first[1].to(device)
+    g = seeded(9)
+    values = torch.randn(col_idx.numel(), generator=g).to(device)
+    x = torch.randn(16, 200, generator=g).to(device)
+    dy = torch.randn(16, 30, generator=g).to(device)
+    check_spmm(x, row_ptr, col_idx, values, None, None)
+    row_ptr.copy_(second[0])
+    col_idx.copy_(second[1])
+    check_spmm(x, row_ptr, col_idx, values, None, None)
+    check_sddmm(dy, x, row_ptr, col_idx)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", STRUCTURES)

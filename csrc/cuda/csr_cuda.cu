@@ -6,7 +6,9 @@
 // of lanes reads it with coalesced vector loads. Deterministic: there are no
 // atomics; every output is summed by one thread (SpMM) or one group of lanes
 // with a fixed shuffle tree (SDDMM), in an order that does not depend on
-// scheduling, so repeated calls give identical bits.
+// scheduling, so repeated calls give identical bits. What depends only on the
+// structure (its content check, the row order) is computed once per structure
+// (memo_by_structure), so a call with a known structure never syncs with the host.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -246,7 +248,7 @@ at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const a
   const at::Tensor row_ptr_c = row_ptr.contiguous();
   const at::Tensor col_idx_c = col_idx.contiguous();
   const at::Tensor perm_c = contiguous_or_undefined(value_perm);
-  check_csr_content(row_ptr_c, col_idx_c, x.size(1), perm_c);
+  check_csr_content_once(row_ptr_c, col_idx_c, x.size(1), perm_c);
   const int64_t batch = x.size(0);
   const int64_t n_rows = row_ptr.numel() - 1;
   // Feature-major result: the kernel writes contiguous batch vectors per row.
@@ -255,10 +257,10 @@ at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const a
   const at::Tensor xt = x.t().contiguous();  // no copy when x is already feature-major
   const at::Tensor values_c = values.contiguous();
   const at::Tensor bias_c = contiguous_or_undefined(bias);
-  // Longest rows first for load balance. This is a sort of n_rows per call; it
-  // depends only on the structure, so it could be cached with it.
-  const at::Tensor order =
-      at::argsort(row_ptr_c.diff(), /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  // Longest rows first for load balance: a sort of n_rows, once per structure.
+  const at::Tensor order = memo_by_structure("csr_row_order", {row_ptr_c}, 0, [&] {
+    return at::argsort(row_ptr_c.diff(), /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_spmm_cuda", [&] {
     const int vec = pick_vec<scalar_t>(batch, {xt.data_ptr(), yt.data_ptr()});
     with_vec<scalar_t>(vec, [&](auto vec_c) {
@@ -284,7 +286,7 @@ at::Tensor csr_sddmm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor row_ptr_c = row_ptr.contiguous();
   const at::Tensor col_idx_c = col_idx.contiguous();
-  check_csr_content(row_ptr_c, col_idx_c, b.size(1), at::Tensor());
+  check_csr_content_once(row_ptr_c, col_idx_c, b.size(1), at::Tensor());
   const int64_t nnz = col_idx.numel();
   const int64_t batch = a.size(0);
   const int64_t n_rows = row_ptr.numel() - 1;
@@ -320,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cuda(const at::Tens
   const c10::cuda::CUDAGuard guard(row_ptr.device());
   const at::Tensor row_ptr_c = row_ptr.contiguous();
   const at::Tensor col_idx_c = col_idx.contiguous();
-  check_csr_content(row_ptr_c, col_idx_c, n_cols, at::Tensor());
+  check_csr_content_once(row_ptr_c, col_idx_c, n_cols, at::Tensor());
   const int64_t nnz = col_idx.numel();
   const auto int_opts = col_idx_c.options();
   if (nnz == 0) {

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/cpu_isa.h"
+#include "sparsemom.h"
 
 namespace {
 
@@ -499,6 +500,54 @@ void run_device_tests(const at::TensorOptions& base, const std::string& device) 
 
 }  // namespace
 
+// memo_by_structure (what the CUDA ops use to check a structure once per topology): a
+// value is reused only for the same live tensors at the same version.
+void test_structure_memo() {
+  int computed = 0;
+  auto memo = [&](const char* tag, const at::Tensor& a, const at::Tensor& b, int64_t extra) {
+    return sparsemom::memo_by_structure(tag, {a, b}, extra, [&] {
+      ++computed;
+      return at::full({1}, computed, at::kLong);
+    });
+  };
+  at::Tensor a = at::arange(10, at::kInt);
+  const at::Tensor undefined;
+  const at::Tensor first = memo("t", a, undefined, 3);
+  check(computed == 1 && memo("t", a, undefined, 3).is_same(first), "same tensors: reused");
+  check(computed == 1 && memo("t", a.view({10}), undefined, 3).item<int64_t>() == 2,
+        "a view is another tensor: computed again");
+  memo("u", a, undefined, 3);
+  memo("t", a, undefined, 4);
+  memo("t", a, a, 3);
+  check(computed == 5, "another tag, extra or key list: computed again");
+  a.add_(1);  // an in-place write bumps the version
+  check(memo("t", a, undefined, 3).item<int64_t>() == 6, "after an in-place write: computed again");
+  check(memo("t", a, undefined, 3).item<int64_t>() == 6, "and then reused");
+  a = at::arange(10, at::kInt);  // the old tensor is freed, a new one may reuse its memory
+  check(memo("t", a, undefined, 3).item<int64_t>() == 7, "a new tensor: computed again");
+  bool thrown = false;
+  try {
+    sparsemom::memo_by_structure("throws", {a}, 0, [&]() -> at::Tensor {
+      ++computed;
+      TORCH_CHECK_VALUE(false, "bad structure");
+      return at::Tensor();
+    });
+  } catch (const c10::ValueError&) {
+    thrown = true;
+  }
+  check(thrown, "the error of compute() reaches the caller");
+  thrown = false;
+  try {
+    sparsemom::memo_by_structure("throws", {a}, 0, [&] { return at::Tensor(); });
+  } catch (const c10::Error&) {
+    thrown = true;
+  }
+  check(!thrown && computed == 8, "a call that raised is not remembered");
+  // Same tag and extra, a shorter key list ({a} against the cached {a, undefined}).
+  sparsemom::memo_by_structure("t", {a}, 3, [&] { ++computed; return at::Tensor(); });
+  check(computed == 9, "a shorter key list: computed again");
+}
+
 int main() {
   at::manual_seed(0);
   run_case("schemas registered", test_schemas);
@@ -506,6 +555,7 @@ int main() {
     std::cerr << "sparsemom operators are not registered: was libsparsemom loaded?\n";
   } else {
     run_case("build_info", test_build_info);
+    run_case("structure memo", test_structure_memo);
     run_device_tests(at::TensorOptions().device(at::kCPU), "cpu");
 #ifdef SPARSEMOM_WITH_CUDA
     if (at::hasCUDA()) {
