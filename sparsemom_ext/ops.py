@@ -298,14 +298,6 @@ def _transpose_contiguous_fake(x):
     return x.new_empty((x.shape[1], x.shape[0]))
 
 
-def _transpose_contiguous_backward(ctx, grad):
-    # The gradient contiguous in the input's shape: a row-major input's own layout,
-    # which autograd would otherwise reach with a slow strided copy.
-    return torch.ops.sparsemom.transpose_contiguous(grad)
-
-
-torch.library.register_autograd("sparsemom::transpose_contiguous", _transpose_contiguous_backward,
-                                setup_context=lambda ctx, inputs, output: None)
 
 
 def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
@@ -403,27 +395,3 @@ def _csr_transpose_fake(row_ptr, col_idx, n_cols):
 @torch.library.register_fake("sparsemom::csr_linear")
 def _csr_linear_fake(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm):
     return _csr_spmm_fake(x, row_ptr, col_idx, values, None, bias)
-
-
-def _csr_linear_setup_context(ctx, inputs, output):
-    x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
-
-
-def _csr_linear_backward(ctx, grad):
-    x, values, row_ptr, col_idx, col_ptr, row_idx, perm = ctx.saved_tensors
-    grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad = _feature_major(grad)
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.sparsemom.csr_spmm(grad, col_ptr, row_idx, values, perm, None)
-    if ctx.needs_input_grad[1]:
-        grad_values = torch.ops.sparsemom.csr_sddmm(grad, x, row_ptr, col_idx)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad.sum(0)
-    return grad_x, grad_values, grad_bias, None, None, None, None, None
-
-
-torch.library.register_autograd("sparsemom::csr_linear", _csr_linear_backward,
-                                setup_context=_csr_linear_setup_context)
