@@ -71,8 +71,10 @@ struct Entry {
 // transposed structure, row orders); past this many, the oldest go first.
 constexpr size_t kCapacity = 256;
 
-std::mutex memo_mutex;
-std::deque<Entry> memo;
+// Never destroyed: the entries hold device tensors, which must not be freed by static
+// destructors after the CUDA runtime has shut down at exit.
+std::mutex& memo_mutex = *new std::mutex;
+std::deque<Entry>& memo = *new std::deque<Entry>;
 
 }  // namespace
 
