@@ -7,13 +7,13 @@
 # build: compile the extension in place for this GPU's arch (TORCH_CUDA_ARCH_LIST, default
 #        the visible GPU's); test: the whole suite (CUDA cases included); spmm, optim,
 #        training: bench_spmm, bench_fused_optim and bench_training on cuda; train: a short
-#        `sparsemom_ext.train --device cuda` run. Logs and JSON go to $LOG_DIR (default $OUT if set, else
-#        build/gpu-check). A stage that fails is reported and the next one still runs; the
-#        exit status is the number of failed stages.
+#        `sparsemom_ext.train --device cuda` run. Logs and JSON go to $LOG_DIR (default $OUT
+#        if set, else build/gpu-check). A stage that fails is reported and the next one still
+#        runs; the exit status is the number of failed stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# -X faulthandler: a crash in native code still prints the Python stack.
 PY=${PYTHON:-python3}
+# -X faulthandler: a crash in native code still prints the Python stack.
 PYX=("$PY" -X faulthandler)
 LOG_DIR=${LOG_DIR:-${OUT:-build/gpu-check}}
 mkdir -p "$LOG_DIR"
@@ -35,8 +35,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 for stage in "${stages[@]}"; do
   case $stage in
     build)
-      # The system compiler by default: an extension built by another g++ on the PATH
-      # (seen: /opt/gcc on the lent H100) crashed whenever it threw a c10::Error.
+      # The system compiler by default: built by another g++ on the PATH (seen: /opt/gcc on
+      # a lent H100), the extension crashed in ops that throw or return a string (README,
+      # Build options).
       run_stage build 900 env CC="${CC:-/usr/bin/gcc}" CXX="${CXX:-/usr/bin/g++}" SPARSEMOM_FORCE_CUDA=1 \
         MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace
       "$PY" -c 'import sparsemom_ext as sm; print(sm.build_info())' ;;
