@@ -298,8 +298,6 @@ def _transpose_contiguous_fake(x):
     return x.new_empty((x.shape[1], x.shape[0]))
 
 
-
-
 def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
                col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tensor:
     """``x @ W.T + bias`` (``x``: ``(*, in_features)``) with autograd for ``x``, ``values``, ``bias``.
