@@ -242,6 +242,44 @@ void check_csr_sddmm_args(const at::Tensor& a, const at::Tensor& b, const at::Te
                     " columns (row_ptr has n_rows + 1 entries), got shape ", a.sizes());
 }
 
+void check_csr_linear_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& values,
+                                    const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    const at::Tensor& col_ptr, const at::Tensor& row_idx,
+                                    const at::Tensor& perm) {
+  check_dense_2d(grad, "grad");
+  check_dense_2d(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == grad.scalar_type(), "x must have the dtype of grad (",
+                   grad.scalar_type(), "), got ", x.scalar_type());
+  check_same_device(x, "x", grad, "grad");
+  TORCH_CHECK_VALUE(x.size(0) == grad.size(0), "x must have the batch size of grad (", grad.size(0),
+                    "), got shape ", x.sizes());
+  check_structure(row_ptr, col_idx);
+  check_index_vector(col_ptr, "col_ptr");
+  check_index_vector(row_idx, "row_idx");
+  check_index_vector(perm, "perm");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{row_ptr, "row_ptr"},
+                                {col_idx, "col_idx"}, {col_ptr, "col_ptr"}, {row_idx, "row_idx"},
+                                {perm, "perm"}}) {
+    check_same_device(t, name, grad, "grad");
+  }
+  TORCH_CHECK_VALUE(grad.size(1) == row_ptr.numel() - 1, "grad must have out_features = ",
+                    row_ptr.numel() - 1, " columns (row_ptr has out_features + 1 entries), got shape ",
+                    grad.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == col_ptr.numel() - 1, "x must have in_features = ", col_ptr.numel() - 1,
+                    " columns (col_ptr has in_features + 1 entries), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(row_idx.numel() == col_idx.numel() && perm.numel() == col_idx.numel(),
+                    "row_idx and perm must have one entry per nonzero (col_idx has ", col_idx.numel(),
+                    "), got ", row_idx.numel(), " and ", perm.numel(),
+                    "; pass the result of csr_transpose(row_ptr, col_idx, in_features)");
+  check_weight_like(values, "values");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == col_idx.numel(),
+                    "values must be 1-D with one entry per nonzero (", col_idx.numel(), "), got shape ",
+                    values.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == grad.scalar_type(), "values must have the dtype of grad (",
+                   grad.scalar_type(), "), got ", values.scalar_type());
+  check_same_device(values, "values", grad, "grad");
+}
+
 void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols) {
   check_structure(row_ptr, col_idx);
   TORCH_CHECK_VALUE(n_cols >= 0 && n_cols <= std::numeric_limits<int32_t>::max(),
@@ -281,13 +319,13 @@ void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int
   }
 }
 
-void check_csr_row_ptr_host(const int32_t* row_ptr, int64_t n_rows, int64_t nnz) {
-  TORCH_CHECK_VALUE(row_ptr[0] == 0, "row_ptr must start at 0, got row_ptr[0]=", row_ptr[0]);
-  TORCH_CHECK_VALUE(row_ptr[n_rows] == nnz, "row_ptr must end at nnz = col_idx.numel() = ", nnz,
-                    ", got row_ptr[-1]=", row_ptr[n_rows]);
+void check_csr_row_ptr_host(const int32_t* row_ptr, int64_t n_rows, int64_t nnz, const char* name) {
+  TORCH_CHECK_VALUE(row_ptr[0] == 0, name, " must start at 0, got ", name, "[0]=", row_ptr[0]);
+  TORCH_CHECK_VALUE(row_ptr[n_rows] == nnz, name, " must end at nnz = ", nnz, ", got ", name, "[-1]=",
+                    row_ptr[n_rows]);
   for (int64_t r = 0; r < n_rows; ++r) {
-    TORCH_CHECK_VALUE(row_ptr[r + 1] >= row_ptr[r], "row_ptr must be non-decreasing, got row_ptr[",
-                      r, "]=", row_ptr[r], " > row_ptr[", r + 1, "]=", row_ptr[r + 1]);
+    TORCH_CHECK_VALUE(row_ptr[r + 1] >= row_ptr[r], name, " must be non-decreasing, got ", name, "[", r,
+                      "]=", row_ptr[r], " > ", name, "[", r + 1, "]=", row_ptr[r + 1]);
   }
 }
 
@@ -308,12 +346,13 @@ void check_indices_below(const int32_t* index, int64_t n, int64_t bound, const c
 }
 }  // namespace
 
-void check_csr_col_idx_host(const int32_t* col_idx, int64_t nnz, int64_t n_cols) {
-  check_indices_below(col_idx, nnz, n_cols, "col_idx", "n_cols");
+void check_csr_col_idx_host(const int32_t* col_idx, int64_t nnz, int64_t n_cols, const char* name,
+                            const char* bound_name) {
+  check_indices_below(col_idx, nnz, n_cols, name, bound_name);
 }
 
-void check_value_perm_host(const int32_t* value_perm, int64_t nnz) {
-  check_indices_below(value_perm, nnz, nnz, "value_perm", "nnz");
+void check_value_perm_host(const int32_t* value_perm, int64_t nnz, const char* name) {
+  check_indices_below(value_perm, nnz, nnz, name, "nnz");
 }
 
 void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_idx,

@@ -94,6 +94,12 @@ TORCH_LIBRARY(sparsemom, m) {
   m.def(
       "csr_linear(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
       "Tensor col_ptr, Tensor row_idx, Tensor perm) -> Tensor");
+  // csr_linear_backward: csr_linear's two gradients at once, (grad_x, grad_values) =
+  // (csr_spmm(grad, col_ptr, row_idx, values, perm), csr_sddmm(grad, x, row_ptr, col_idx)).
+  // The CPU fuses them into one pass (each nonzero reads grad's tile once, not twice).
+  m.def(
+      "csr_linear_backward(Tensor grad, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor row_idx, Tensor perm) -> (Tensor, Tensor)");
   // transpose_contiguous: x.t().contiguous() of a 2-D x, always a new tensor. Turns
   // (batch, features) row-major into the feature-major layout the CSR kernels read
   // (as .t() of the result) and back; differentiable (ops.py).

@@ -49,6 +49,12 @@ void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const a
                          const std::optional<at::Tensor>& bias);
 void check_csr_sddmm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx);
+// csr_linear_backward: the output gradient `grad` (batch, out_features), the input `x`
+// (batch, in_features), `values` and both structures (CSR, and its csr_transpose).
+void check_csr_linear_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& values,
+                                    const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    const at::Tensor& col_ptr, const at::Tensor& row_idx,
+                                    const at::Tensor& perm);
 void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols);
 // Index contents with tensor ops (any device; one host sync). `value_perm` may be undefined.
 void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols,
@@ -69,9 +75,13 @@ void check_csr_content_host(const int32_t* row_ptr, int64_t n_rows, const int32_
                             int64_t nnz, int64_t n_cols, const int32_t* value_perm);
 // Its parts, for kernels that validate col_idx / value_perm in the pass they
 // make anyway and call these only to raise the message once they found a bad entry.
-void check_csr_row_ptr_host(const int32_t* row_ptr, int64_t n_rows, int64_t nnz);
-void check_csr_col_idx_host(const int32_t* col_idx, int64_t nnz, int64_t n_cols);
-void check_value_perm_host(const int32_t* value_perm, int64_t nnz);
+// `name` is the argument's name in the messages (a transposed structure's col_ptr,
+// row_idx and perm take the same checks).
+void check_csr_row_ptr_host(const int32_t* row_ptr, int64_t n_rows, int64_t nnz,
+                            const char* name = "row_ptr");
+void check_csr_col_idx_host(const int32_t* col_idx, int64_t nnz, int64_t n_cols,
+                            const char* name = "col_idx", const char* bound_name = "n_cols");
+void check_value_perm_host(const int32_t* value_perm, int64_t nnz, const char* name = "value_perm");
 
 // Kernels work on dense memory. An in-place argument that is not contiguous is
 // updated in a contiguous copy (`work = target.contiguous()`) and written back

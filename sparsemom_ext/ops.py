@@ -278,6 +278,23 @@ def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tuple[Tensor
     return torch.ops.sparsemom.csr_transpose(row_ptr, col_idx, n_cols)
 
 
+def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                        col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both gradients of ``y = x @ W.T`` from the output gradient ``grad``: ``(grad_x, grad_values)``.
+
+    The same as ``(csr_spmm(grad, col_ptr, row_idx, values, perm), csr_sddmm(grad, x, row_ptr,
+    col_idx))``, with ``(col_ptr, row_idx, perm) = csr_transpose(row_ptr, col_idx, in_features)``;
+    what :func:`csr_linear`'s backward calls when both are wanted. On the CPU (float32) it is one
+    pass over the transposed structure: each nonzero reads its row of ``grad`` once for both
+    products instead of once per kernel, and the results are bit-identical to the two ops'.
+    That pass reads ``values`` and writes ``grad_values`` through ``perm`` and does not read
+    ``col_idx``, so it validates the transposed structure's content, not ``col_idx``'s
+    (their agreement is the caller's to keep, as for :func:`csr_linear`). ``grad_x`` is
+    ``(batch, in_features)`` feature-major, ``grad_values`` ``(nnz,)`` in CSR order.
+    """
+    return torch.ops.sparsemom.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
+
+
 def _feature_major(t: Tensor) -> Tensor:
     """2-D ``t`` with the same values stored feature-major (its transpose contiguous).
 
@@ -313,7 +330,7 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     return y.reshape(*lead, y.shape[-1])
 
 
-for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear):
+for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear, csr_linear_backward):
     if _fn.__doc__ is not None:
         _fn.__doc__ += _CSR_RULES
 
@@ -393,3 +410,13 @@ def _csr_transpose_fake(row_ptr, col_idx, n_cols):
 @torch.library.register_fake("sparsemom::csr_linear")
 def _csr_linear_fake(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm):
     return _csr_spmm_fake(x, row_ptr, col_idx, values, None, bias)
+
+
+@torch.library.register_fake("sparsemom::csr_linear_backward")
+def _csr_linear_backward_fake(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm):
+    _csr_fake_checks(col_ptr, row_idx)
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D (batch, features), got shape {tuple(x.shape)}")
+    torch._check(x.shape[1] == col_ptr.shape[0] - 1,
+                 lambda: f"x must have in_features = {col_ptr.shape[0] - 1} columns, got shape {tuple(x.shape)}")
+    return (_csr_spmm_fake(grad, col_ptr, row_idx, values, perm, None),
+            _csr_sddmm_fake(grad, x, row_ptr, col_idx))

@@ -208,3 +208,12 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     weight = torch.zeros(row_ptr.numel() - 1, x.shape[-1], dtype=values.dtype, device=values.device)
     weight = weight.index_put((rows, col_idx.long()), values, accumulate=True)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                        col_ptr: Tensor, row_idx: Tensor, perm: Tensor):
+    """(grad of x, grad of values) of ``y = x @ W.T``, from the dense weight, independently of
+    the transposed structure (which must describe the same matrix)."""
+    weight = _csr_dense_opmath(row_ptr, col_idx, values, x.shape[1])
+    grad_x = (_opmath(grad) @ weight).to(grad.dtype)
+    return grad_x, csr_sddmm(grad, x, row_ptr, col_idx)

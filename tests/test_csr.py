@@ -1,6 +1,7 @@
-"""The CSR sparse-matmul ops (csr_spmm, csr_sddmm, csr_transpose, csr_linear) and the
-conversions against their pure-PyTorch references, over devices x dtypes x structures x
-batch sizes; autograd, opcheck, bad input and bit-identity of the CPU ISA variants."""
+"""The CSR sparse-matmul ops (csr_spmm, csr_sddmm, csr_transpose, csr_linear,
+csr_linear_backward) and the conversions against their pure-PyTorch references, over
+devices x dtypes x structures x batch sizes; autograd, opcheck, bad input and
+bit-identity of the CPU ISA variants."""
 
 import os
 import re
@@ -450,6 +451,106 @@ def test_csr_from_mask_rejects_non_bool_or_non_2d():
         ops.csr_from_mask(torch.ones(3, dtype=torch.bool))
 
 
+# --------------------------------------------------------------------------- csr_linear_backward
+def backward_case(kind, batch, dtype, device, seed=0):
+    """csr_linear_backward's arguments: (grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)."""
+    g = seeded(seed + 4)
+    row_ptr, col_idx, n_in = make_structure(kind, device, seed)
+    values = randn(col_idx.numel(), dtype, device, g)
+    grad = randn((batch, row_ptr.numel() - 1), dtype, device, g)
+    x = randn((batch, n_in), dtype, device, g)
+    return (grad, x, values, row_ptr, col_idx, *ops.csr_transpose(row_ptr, col_idx, n_in))
+
+
+def check_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm):
+    """The fused op gives the bits of the two ops it fuses (the same sums in the same
+    order), in their layouts; and those are right (against the dense reference)."""
+    args = (grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
+    grad_x, grad_values = ops.csr_linear_backward(*args)
+    assert torch.equal(grad_x, ops.csr_spmm(grad, col_ptr, row_idx, values, perm, None))
+    assert torch.equal(grad_values, ops.csr_sddmm(grad, x, row_ptr, col_idx))
+    assert grad_x.shape == x.shape and grad_x.dtype == x.dtype and grad_x.t().is_contiguous()
+    assert grad_values.shape == values.shape and grad_values.is_contiguous()
+    expected_x, expected_values = reference.csr_linear_backward(*args)
+    abs_x = reference.csr_spmm(grad.double().abs(), col_ptr, row_idx, values.double().abs(), perm)
+    assert_sum_close(grad_x, expected_x, abs_x, max_row_nnz(col_ptr) + 1)
+    abs_values = reference.csr_sddmm(grad.double().abs(), x.double().abs(), row_ptr, col_idx)
+    assert_sum_close(grad_values, expected_values, abs_values, grad.shape[0])
+    return grad_x, grad_values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", STRUCTURES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_csr_linear_backward_is_the_two_ops_it_fuses(device, dtype, kind, batch):
+    check_backward(*backward_case(kind, batch, dtype, device))
+
+
+# The fused CPU kernel walks the transposed structure, chunking its columns (W's rows)
+# like the SpMM: W of 4096 rows x 40 columns at density 0.15, batch 130 (a full tile
+# and a tail), is chunked; W.T's shape and batch slices of 16 are not.
+@pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
+@pytest.mark.parametrize("shape", [(4096, 40), (40, 4096)], ids=["chunked", "unchunked"])
+def test_csr_linear_backward_on_wide_layers(shape, shuffle):
+    n_out, n_in = shape
+    row_ptr, col_idx = _wide_structure(n_out, n_in, 0.15, seed=6, shuffle=shuffle)
+    g = seeded(7)
+    values = torch.randn(col_idx.numel(), generator=g)
+    grad, x = torch.randn(130, n_out, generator=g), torch.randn(130, n_in, generator=g)
+    check_backward(grad, x, values, row_ptr, col_idx, *ops.csr_transpose(row_ptr, col_idx, n_in))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_out=st.integers(0, 70), n_in=st.integers(0, 70), batch=st.integers(0, 140),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_csr_linear_backward_property(n_out, n_in, batch, density, seed):
+    g = seeded(seed)
+    row_ptr, col_idx = ops.csr_from_mask(torch.rand(n_out, n_in, generator=g) < density)
+    values = torch.randn(col_idx.numel(), generator=g)
+    grad, x = torch.randn(batch, n_out, generator=g), torch.randn(batch, n_in, generator=g)
+    grad_x, _ = check_backward(grad, x, values, row_ptr, col_idx, *ops.csr_transpose(row_ptr, col_idx, n_in))
+    # An input feature that no nonzero reads gets exactly zero.
+    unread = torch.bincount(col_idx.long(), minlength=n_in) == 0
+    assert not grad_x[:, unread].any()
+
+
+# Broken transposed structures: the fused CPU kernel validates row_idx and perm in its
+# pass (a bad entry anywhere, also in a chunked walk) and col_ptr up front.
+@pytest.mark.parametrize("batch", [16, 130])
+@pytest.mark.parametrize("shape", [(4096, 40), (40, 4096)], ids=["chunked", "unchunked"])
+def test_csr_linear_backward_catches_a_broken_transpose(shape, batch):
+    n_out, n_in = shape
+    row_ptr, col_idx = _wide_structure(n_out, n_in, 0.15, seed=8)
+    col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, n_in)
+    g = seeded(9)
+    values = torch.randn(col_idx.numel(), generator=g)
+    grad, x = torch.randn(batch, n_out, generator=g), torch.randn(batch, n_in, generator=g)
+    nnz = col_idx.numel()
+    for k in (0, nnz // 2, nnz - 1):
+        for bad in (-1, n_out):
+            broken = row_idx.clone()
+            broken[k] = bad
+            with pytest.raises(ValueError, match=re.escape(
+                    f"row_idx must be in [0, out_features = {n_out}), got row_idx[{k}]={bad}")):
+                ops.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, broken, perm)
+        for bad in (-1, nnz, 2**31 - 1):
+            broken = perm.clone()
+            broken[k] = bad
+            with pytest.raises(ValueError, match=re.escape(f"perm must be in [0, nnz = {nnz}), got perm[{k}]={bad}")):
+                ops.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, broken)
+    broken = col_ptr.clone()
+    broken[5] = broken[6] + 1
+    with pytest.raises(ValueError, match=re.escape("col_ptr must be non-decreasing, got col_ptr[5]=")):
+        ops.csr_linear_backward(grad, x, values, row_ptr, col_idx, broken, row_idx, perm)
+    broken = col_ptr.clone()
+    broken[-1] = nnz - 1
+    with pytest.raises(ValueError, match=re.escape(f"col_ptr must end at nnz = {nnz}, got col_ptr[-1]={nnz - 1}")):
+        ops.csr_linear_backward(grad, x, values, row_ptr, col_idx, broken, row_idx, perm)
+    # Unbroken, it goes through.
+    check_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
+
+
 # --------------------------------------------------------------------------- csr_linear
 def linear_structure(device="cpu"):
     """7 x 9 with empty rows (first, middle and last) and a repeated column."""
@@ -593,6 +694,10 @@ def _opcheck_samples(device):
     yield torch.ops.sparsemom.csr_linear.default, (
         r(4, 9).requires_grad_(), values.clone().requires_grad_(), r(7).requires_grad_(),
         row_ptr, col_idx, col_ptr, row_idx, perm)
+    yield torch.ops.sparsemom.csr_linear_backward.default, (
+        r(6, 7), r(6, 9), values, row_ptr, col_idx, col_ptr, row_idx, perm)
+    yield torch.ops.sparsemom.csr_linear_backward.default, (
+        r(130, 7).t().contiguous().t(), r(130, 9), values, row_ptr, col_idx, col_ptr, row_idx, perm)
     f64 = torch.float64
     yield torch.ops.sparsemom.csr_linear.default, (
         r(4, 9, dtype=f64).requires_grad_(), r(9, dtype=f64).requires_grad_(), None,
@@ -601,7 +706,7 @@ def _opcheck_samples(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    assert run_opcheck(_opcheck_samples(device)) == 9
+    assert run_opcheck(_opcheck_samples(device)) == 11
 
 
 # --------------------------------------------------------------------------- bad input
@@ -627,6 +732,18 @@ def sddmm_args(**override):
 def transpose_args(**override):
     args = dict(row_ptr=torch.tensor([0, 2, 2, 5], dtype=torch.int32),
                 col_idx=torch.tensor([0, 5, 1, 2, 3], dtype=torch.int32), n_cols=6)
+    args.update(override)
+    return args
+
+
+def backward_args(**override):
+    g = seeded(13)
+    row_ptr = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    col_idx = torch.tensor([0, 5, 1, 2, 3], dtype=torch.int32)
+    col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, 6)
+    args = dict(grad=torch.randn(4, 3, generator=g), x=torch.randn(4, 6, generator=g),
+                values=torch.randn(5, generator=g), row_ptr=row_ptr, col_idx=col_idx,
+                col_ptr=col_ptr, row_idx=row_idx, perm=perm)
     args.update(override)
     return args
 
@@ -670,6 +787,19 @@ BAD_CALLS = [
     (ops.csr_sddmm, sddmm_args(b=torch.randn(4, 6, dtype=torch.float64)), TypeError, ["b", "dtype of a"]),
     (ops.csr_sddmm, sddmm_args(b=torch.randn(4, 5)), ValueError, ["col_idx", "[0, n_cols = 5)"]),
     (ops.csr_sddmm, sddmm_args(a=torch.randn(3)), ValueError, ["a must be 2-D"]),
+    (ops.csr_linear_backward, backward_args(grad=torch.randn(4, 4)), ValueError,
+     ["grad must have out_features = 3 columns"]),
+    (ops.csr_linear_backward, backward_args(x=torch.randn(4, 5)), ValueError, ["x must have in_features = 6"]),
+    (ops.csr_linear_backward, backward_args(x=torch.randn(3, 6)), ValueError, ["x must have the batch size of grad"]),
+    (ops.csr_linear_backward, backward_args(x=torch.randn(4, 6).double()), TypeError, ["x", "dtype of grad"]),
+    (ops.csr_linear_backward, backward_args(values=torch.randn(5).double()), TypeError, ["values", "dtype of grad"]),
+    (ops.csr_linear_backward, backward_args(values=torch.randn(4)), ValueError, ["values", "one entry per nonzero"]),
+    (ops.csr_linear_backward, backward_args(grad=torch.randn(3)), ValueError, ["grad must be 2-D"]),
+    (ops.csr_linear_backward, backward_args(row_idx=i32(0, 2, 2, 2)), ValueError,
+     ["row_idx and perm must have one entry per nonzero"]),
+    (ops.csr_linear_backward, backward_args(perm=torch.arange(5)), TypeError, ["perm", "int32"]),
+    (ops.csr_linear_backward, backward_args(col_ptr=i32(1, 1, 2, 3, 4, 4, 5)), ValueError, ["col_ptr", "start at 0"]),
+    (ops.csr_linear_backward, backward_args(row_ptr=i32(0, 3, 2, 5)), ValueError, ["row_ptr", "non-decreasing"]),
     (ops.csr_transpose, transpose_args(n_cols=-1), ValueError, ["n_cols"]),
     (ops.csr_transpose, transpose_args(n_cols=5), ValueError, ["col_idx", "[0, n_cols = 5)"]),
 ]
@@ -752,6 +882,14 @@ wx, wdy = torch.randn(130, 4096, generator=g), torch.randn(130, 40, generator=g)
 inputs.update(wide_ptr=wide_ptr, wide_idx=wide_idx, wide_values=wide_values, wx=wx, wdy=wdy)
 results.update(spmm_chunked=ops.csr_spmm(wx, wide_ptr, wide_idx, wide_values, None, None),
                sddmm_chunked=ops.csr_sddmm(wdy, wx, wide_ptr, wide_idx))
+# The fused backward: its walk over the transposed structure is chunked for W = wide.T.
+tall_ptr, tall_idx = ops.csr_from_mask(wide.T.contiguous())
+tall_t = ops.csr_transpose(tall_ptr, tall_idx, 40)
+inputs.update(tall_ptr=tall_ptr, tall_idx=tall_idx, tall_t=tall_t)
+results.update(
+    backward=ops.csr_linear_backward(dy, x, values, row_ptr, col_idx, col_ptr, row_idx, perm),
+    backward_chunked=ops.csr_linear_backward(wx, wdy, wide_values, tall_ptr, tall_idx, *tall_t),
+)
 torch.save(dict(isa=sm.build_info()["cpu_isa"], inputs=inputs, results=results), sys.argv[1])
 """
 
@@ -775,7 +913,8 @@ def test_csr_isa_variants_are_bitwise_identical(tmp_path):
     baseline = saved["default"]["results"]
     for isa in runnable[1:]:
         for name, value in saved[isa]["results"].items():
-            assert torch.equal(value, baseline[name]), f"{name}: {isa} differs from the portable build"
+            for part, base in zip(value, baseline[name]) if isinstance(value, tuple) else [(value, baseline[name])]:
+                assert torch.equal(part, base), f"{name}: {isa} differs from the portable build"
     # And what they agree on is right.
     i = saved["default"]["inputs"]
     check = {
@@ -785,5 +924,9 @@ def test_csr_isa_variants_are_bitwise_identical(tmp_path):
         "spmm_chunked": reference.csr_spmm(i["wx"], i["wide_ptr"], i["wide_idx"], i["wide_values"], None, None),
         "sddmm_chunked": reference.csr_sddmm(i["wdy"], i["wx"], i["wide_ptr"], i["wide_idx"]),
     }
+    check["backward"] = reference.csr_linear_backward(i["dy"], i["x"], i["values"], i["row_ptr"], i["col_idx"],
+                                                      i["col_ptr"], i["row_idx"], i["perm"])
+    check["backward_chunked"] = reference.csr_linear_backward(i["wx"], i["wdy"], i["wide_values"], i["tall_ptr"],
+                                                               i["tall_idx"], *i["tall_t"])
     for name, expected in check.items():
         torch.testing.assert_close(baseline[name], expected, rtol=1e-4, atol=1e-4, msg=name)

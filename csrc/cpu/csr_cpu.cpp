@@ -57,6 +57,24 @@ struct SddmmArgs {
   int64_t chunk_cols;
 };
 
+// The fused backward (csr_linear_backward), walked over the transposed
+// structure: the field names are walk_column_chunks', so row_ptr / col_idx
+// are col_ptr / row_idx here and n_cols is the number of W's rows.
+struct BackwardArgs {
+  const int32_t* row_ptr;  // col_ptr (n_in + 1)
+  const int32_t* col_idx;  // row_idx (nnz)
+  const int32_t* perm;     // CSC position -> CSR position
+  const float* values;     // (nnz,) CSR order
+  const float* gt;         // output gradient, (n_out, batch) contiguous
+  const float* xt;         // input, (n_in, batch) contiguous
+  float* gxt;              // input gradient, (n_in, batch) contiguous
+  float* grad_values;      // (nnz,) CSR order
+  int64_t batch;
+  int64_t nnz;
+  int64_t n_cols;  // n_out
+  int64_t chunk_cols;
+};
+
 // Batch entries per register tile: 8 vectors of 16 floats. A tile of the
 // feature-major input for a 4096-feature layer is then 2 MiB, about one core's L2.
 constexpr int64_t kTileLanes = 128;
@@ -482,6 +500,44 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return out;
 }
 
+// Both gradients of y = x W^T in one pass over the nonzeros (backward_rows in
+// csr_kernels.inc) for float32; other dtypes and empty operands run the two
+// kernels it fuses.
+std::tuple<at::Tensor, at::Tensor> csr_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& values, const at::Tensor& row_ptr,
+                                                           const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                                                           const at::Tensor& row_idx, const at::Tensor& perm) {
+  check_csr_linear_backward_args(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm);
+  const int64_t batch = grad.size(0), n_out = grad.size(1), n_in = x.size(1), nnz = col_idx.numel();
+  if (grad.scalar_type() != at::kFloat || batch == 0 || nnz == 0) {
+    return {csr_spmm_cpu(grad, col_ptr, row_idx, values, perm, std::nullopt),
+            csr_sddmm_cpu(grad, x, row_ptr, col_idx)};
+  }
+  const at::Tensor rp = row_ptr.contiguous(), cp = col_ptr.contiguous(), ri = row_idx.contiguous(),
+                   pm = perm.contiguous(), vals = values.contiguous();
+  check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_out, nnz);
+  check_csr_row_ptr_host(cp.data_ptr<int32_t>(), n_in, nnz, "col_ptr");
+  // row_idx and perm are validated by the kernel; col_idx is not read (perm maps onto it).
+  const at::Tensor gt = transposed_contiguous(grad), xt = transposed_contiguous(x);
+  at::Tensor gxt = at::empty({n_in, batch}, grad.options());
+  at::Tensor grad_values = at::empty({nnz}, grad.options());
+  const int32_t* cp_p = cp.data_ptr<int32_t>();
+  const BackwardArgs args{cp_p, ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), vals.data_ptr<float>(),
+                          gt.data_ptr<float>(), xt.data_ptr<float>(), gxt.data_ptr<float>(),
+                          grad_values.data_ptr<float>(), batch, nnz, n_out,
+                          chunk_columns(n_in, n_out, nnz, batch)};
+  std::atomic<bool> complete{true};
+  parallel_over_rows(cp_p, n_in, batch, [&](int64_t r0, int64_t r1) {
+    if (!SPARSEMOM_ROWS_FN(backward_rows)(args, r0, r1)) complete = false;
+  });
+  if (!complete) {
+    check_csr_col_idx_host(ri.data_ptr<int32_t>(), nnz, n_out, "row_idx", "out_features");
+    check_value_perm_host(pm.data_ptr<int32_t>(), nnz, "perm");
+    TORCH_INTERNAL_ASSERT(false, "csr_linear_backward stopped short with every row_idx and perm entry in range");
+  }
+  return {gxt.t(), grad_values};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tensor& row_ptr,
                                                                  const at::Tensor& col_idx,
                                                                  int64_t n_cols) {
@@ -517,6 +573,7 @@ TORCH_LIBRARY_IMPL(sparsemom, CPU, m) {
   m.impl("csr_spmm", &csr_spmm_cpu);
   m.impl("csr_sddmm", &csr_sddmm_cpu);
   m.impl("csr_transpose", &csr_transpose_cpu);
+  m.impl("csr_linear_backward", &csr_linear_backward_cpu);
   m.impl("transpose_contiguous", &transpose_contiguous_cpu);
 }
 
