@@ -288,8 +288,10 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
     pass over the transposed structure: each nonzero reads its row of ``grad`` once for both
     products instead of once per kernel, and the results are bit-identical to the two ops'.
     That pass reads ``values`` and writes ``grad_values`` through ``perm`` and does not read
-    ``col_idx``, so it validates the transposed structure's content, not ``col_idx``'s
-    (their agreement is the caller's to keep, as for :func:`csr_linear`). ``grad_x`` is
+    ``col_idx``, so it validates the transposed structure's content (``col_ptr``, and
+    ``row_idx`` and ``perm`` in range), not ``col_idx``'s; that the two structures agree, and
+    that ``perm`` is a permutation, is the caller's to keep (as for :func:`csr_linear`):
+    pass what :func:`csr_transpose` returned. ``grad_x`` is
     ``(batch, in_features)`` feature-major, ``grad_values`` ``(nnz,)`` in CSR order.
     """
     return torch.ops.sparsemom.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
