@@ -194,6 +194,18 @@ void check_dense_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D (batch, features), got shape ", t.sizes());
 }
 
+// Two dense (batch, features) operands of one dtype, device and batch size (`b` is checked
+// against `a`).
+void check_batch_operands(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  check_dense_2d(a, a_name);
+  check_dense_2d(b, b_name);
+  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
+                   a.scalar_type(), "), got ", b.scalar_type());
+  check_same_device(b, b_name, a, a_name);
+  TORCH_CHECK_VALUE(b.size(0) == a.size(0), b_name, " must have the batch size of ", a_name, " (", a.size(0),
+                    "), got shape ", b.sizes());
+}
+
 }  // namespace
 
 void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -229,13 +241,7 @@ void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const a
 
 void check_csr_sddmm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx) {
-  check_dense_2d(a, "a");
-  check_dense_2d(b, "b");
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "b must have the dtype of a (",
-                   a.scalar_type(), "), got ", b.scalar_type());
-  check_same_device(b, "b", a, "a");
-  TORCH_CHECK_VALUE(b.size(0) == a.size(0), "b must have the batch size of a (", a.size(0),
-                    "), got shape ", b.sizes());
+  check_batch_operands(a, "a", b, "b");
   check_structure(row_ptr, col_idx);
   check_same_device(row_ptr, "row_ptr", a, "a");
   TORCH_CHECK_VALUE(a.size(1) == row_ptr.numel() - 1, "a must have n_rows = ", row_ptr.numel() - 1,
@@ -246,13 +252,7 @@ void check_csr_linear_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                     const at::Tensor& col_ptr, const at::Tensor& row_idx,
                                     const at::Tensor& perm) {
-  check_dense_2d(grad, "grad");
-  check_dense_2d(x, "x");
-  TORCH_CHECK_TYPE(x.scalar_type() == grad.scalar_type(), "x must have the dtype of grad (",
-                   grad.scalar_type(), "), got ", x.scalar_type());
-  check_same_device(x, "x", grad, "grad");
-  TORCH_CHECK_VALUE(x.size(0) == grad.size(0), "x must have the batch size of grad (", grad.size(0),
-                    "), got shape ", x.sizes());
+  check_batch_operands(grad, "grad", x, "x");
   check_structure(row_ptr, col_idx);
   check_index_vector(col_ptr, "col_ptr");
   check_index_vector(row_idx, "row_idx");
