@@ -229,13 +229,15 @@ def _wide_structure(n_rows, n_cols, density, seed, shuffle=False):
 
 
 # The CPU kernels take the columns of a wide, dense-enough matrix in L2-sized chunks
-# (csr_cpu.cpp: 512 KiB of the input tile, at least 32 nonzeros per row and chunk):
-# 4096 columns x 128 batch lanes at density 0.15 is chunked (1024 columns per chunk),
-# a 16-wide batch slice or density 0.0075 is not. Chunking must change no bit.
+# (csr_cpu.cpp, kSpmmChunking: 512 KiB of the input tile, at least 8 nonzeros per row
+# and chunk): 4096 columns x 128 batch lanes at density 0.15 is chunked (1024 columns
+# per chunk, also at density 0.02: 20 per row and chunk), a 16-wide batch slice or
+# density 0.00375 is not. Chunking must change no bit.
+@pytest.mark.parametrize("density", [0.15, 0.02])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
-def test_cpu_column_chunking_changes_no_result(shuffle):
+def test_cpu_column_chunking_changes_no_result(shuffle, density):
     n_rows, n_cols, batch = 40, 4096, 160
-    row_ptr, col_idx = _wide_structure(n_rows, n_cols, 0.15, seed=1, shuffle=shuffle)
+    row_ptr, col_idx = _wide_structure(n_rows, n_cols, density, seed=1, shuffle=shuffle)
     g = seeded(2)
     values = torch.randn(col_idx.numel(), generator=g)
     bias = torch.randn(n_rows, generator=g)
@@ -252,7 +254,7 @@ def test_cpu_column_chunking_changes_no_result(shuffle):
     out = ops.csr_sddmm(dy, x, row_ptr, col_idx)
     torch.testing.assert_close(out, reference.csr_sddmm(dy, x, row_ptr, col_idx), rtol=1e-4, atol=1e-3)
     keep = torch.zeros(col_idx.numel(), dtype=torch.bool)
-    keep[::20] = True
+    keep[::40] = True
     rows = torch.repeat_interleave(torch.arange(n_rows), (row_ptr[1:] - row_ptr[:-1]).long())
     sub_ptr = torch.zeros(n_rows + 1, dtype=torch.int32)
     sub_ptr[1:] = torch.bincount(rows[keep], minlength=n_rows).cumsum(0)
@@ -488,8 +490,9 @@ def test_csr_linear_backward_is_the_two_ops_it_fuses(device, dtype, kind, batch)
 
 
 # The fused CPU kernel walks the transposed structure, chunking its columns (W's rows)
-# like the SpMM: W of 4096 rows x 40 columns at density 0.15, batch 130 (a full tile
-# and a tail), is chunked; W.T's shape and batch slices of 16 are not.
+# like the SpMM (kBackwardChunking: 512 columns per chunk at 128 lanes): W of 4096 rows
+# x 40 columns at density 0.15, batch 130 (a full tile and a tail), is chunked; W.T's
+# shape and batch slices of 16 are not.
 @pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
 @pytest.mark.parametrize("shape", [(4096, 40), (40, 4096)], ids=["chunked", "unchunked"])
 def test_csr_linear_backward_on_wide_layers(shape, shuffle):

@@ -84,19 +84,31 @@ constexpr int64_t kPrefetchAhead = 16;
 
 // Column chunking (csr_kernels.inc): when the input tile of all columns does not
 // fit in L2 (2 MiB for 4096 features at 128 lanes), rows go in blocks of
-// kRowBlock over chunks of columns whose input tile is kChunkBytes, so that what
+// kRowBlock over chunks of columns whose input tile is `chunk_bytes`, so that what
 // a block reads stays in L2. It costs a store and a reload of each row's output
-// tile per chunk, so it is used only when rows have at least
-// kMinNonzerosPerRowChunk nonzeros per chunk on average. On the 128 x 4096 ->
-// 4096 layer at density 0.1 the forward ran 1.3-1.5x faster (standalone test, 1 thread).
+// tile per chunk (the fused backward also reloads its x tile), so it is used only
+// when rows have at least `min_nonzeros_per_row_chunk` nonzeros per chunk on average.
 constexpr int64_t kRowBlock = 256;
-constexpr int64_t kChunkBytes = 512 * 1024;
-constexpr int64_t kMinNonzerosPerRowChunk = 32;
+struct ColumnChunking {
+  int64_t chunk_bytes;
+  int64_t min_nonzeros_per_row_chunk;
+};
+// SpMM and SDDMM, 128 x 4096 -> 4096, 2 threads, chunked against not, interleaved in
+// one process: 1.3x faster at density 0.01-0.03 (10-30 nonzeros per row and chunk),
+// 1.1-1.3x slower at 0.005 and 0.002 (5 and 2).
+constexpr ColumnChunking kSpmmChunking{512 * 1024, 8};
+// The fused backward also keeps the lines of `values` and `grad_values` it reaches
+// through `perm` in L2, so half the chunk: 3-15% faster than 512 KiB at density
+// 0.03-0.1 over five such runs. Below about 3% it runs faster unchunked (density
+// 0.01: 4.0 ms unchunked, 4.9 ms chunked).
+constexpr ColumnChunking kBackwardChunking{256 * 1024, 16};
 
-int64_t chunk_columns(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch) {
+// Columns per chunk for a walk over n_rows x n_cols with nnz nonzeros; n_cols:
+// not chunked.
+int64_t chunk_columns(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch, const ColumnChunking& policy) {
   const int64_t lanes = std::clamp<int64_t>(batch, 1, kTileLanes);
-  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (lanes * static_cast<int64_t>(sizeof(float))));
-  if (chunk >= n_cols || nnz * chunk < kMinNonzerosPerRowChunk * n_rows * n_cols) return n_cols;
+  const int64_t chunk = std::max<int64_t>(16, policy.chunk_bytes / (lanes * static_cast<int64_t>(sizeof(float))));
+  if (chunk >= n_cols || nnz * chunk < policy.min_nonzeros_per_row_chunk * n_rows * n_cols) return n_cols;
   return chunk;
 }
 
@@ -518,7 +530,7 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at
   if (kernel_checks_columns) {
     const SpmmArgs args{rp_p, ci.data_ptr<int32_t>(), vals.data_ptr<float>(),
                         data_or_null<float>(b), xt.data_ptr<float>(), yt.data_ptr<float>(), batch, ci.numel(),
-                        n_cols, chunk_columns(n_rows, n_cols, ci.numel(), batch)};
+                        n_cols, chunk_columns(n_rows, n_cols, ci.numel(), batch, kSpmmChunking)};
     run_checking_columns(SPARSEMOM_ROWS_FN(spmm_rows), args, rp_p, n_rows, ci.data_ptr<int32_t>());
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_spmm_cpu", [&] {
@@ -545,7 +557,8 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
   const int32_t* rp_p = rp.data_ptr<int32_t>();
   if (kernel_checks_columns) {
     const SddmmArgs args{rp_p, ci.data_ptr<int32_t>(), at_.data_ptr<float>(), bt.data_ptr<float>(),
-                         out.data_ptr<float>(), batch, nnz, n_cols, chunk_columns(n_rows, n_cols, nnz, batch)};
+                         out.data_ptr<float>(), batch, nnz, n_cols,
+                         chunk_columns(n_rows, n_cols, nnz, batch, kSpmmChunking)};
     run_checking_columns(SPARSEMOM_ROWS_FN(sddmm_rows), args, rp_p, n_rows, ci.data_ptr<int32_t>());
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "csr_sddmm_cpu", [&] {
@@ -583,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward_cpu(const at::Tensor& gra
   const BackwardArgs args{cp_p, ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), vals.data_ptr<float>(),
                           gt.data_ptr<float>(), xt.data_ptr<float>(), gxt.data_ptr<float>(),
                           grad_values.data_ptr<float>(), batch, nnz, n_out,
-                          chunk_columns(n_in, n_out, nnz, batch)};
+                          chunk_columns(n_in, n_out, nnz, batch, kBackwardChunking)};
   std::atomic<bool> complete{true};
   parallel_over_rows(cp_p, n_in, batch, [&](int64_t r0, int64_t r1) {
     if (!SPARSEMOM_ROWS_FN(backward_rows)(args, r0, r1)) complete = false;
