@@ -148,6 +148,10 @@ struct V {
     for (int i = 0; i < 2; ++i) s[i] = s[i] + s[i + 2];
     return s[0] + s[1];
   }
+  // The lane sums of v[0..3], each as reduce() takes it.
+  static SPARSEMOM_FORCE_INLINE void reduce4(const V* v, float* out) {
+    for (int q = 0; q < 4; ++q) out[q] = v[q].reduce();
+  }
 };
 #include "csr_kernels.inc"
 }  // namespace isa_default
@@ -199,6 +203,9 @@ struct V {
     const __m256 s = _mm256_add_ps(lo, hi);
     SPARSEMOM_REDUCE8(s)
   }
+  static SPARSEMOM_FORCE_INLINE void reduce4(const V* v, float* out) {
+    for (int q = 0; q < 4; ++q) out[q] = v[q].reduce();
+  }
 };
 #include "csr_kernels.inc"
 }  // namespace isa_avx2
@@ -237,6 +244,24 @@ struct V {
   SPARSEMOM_FORCE_INLINE float reduce() const {
     const __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
     SPARSEMOM_REDUCE8(s)
+  }
+  // Four reductions at once, the same tree on the same lanes (so the same bits as
+  // reduce()), in 15 vector instructions instead of 4 x 8. 128-bit lanes are named
+  // L0..L3; each step halves the partial sums per vector and doubles the vectors per
+  // register.
+  static SPARSEMOM_FORCE_INLINE void reduce4(const V* v, float* out) {
+    // Lanes i + (i + 8): (a, b) -> [a.L0 + a.L2, a.L1 + a.L3, b.L0 + b.L2, b.L1 + b.L3].
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0].v, v[1].v, 0x44),
+                                    _mm512_shuffle_f32x4(v[0].v, v[1].v, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2].v, v[3].v, 0x44),
+                                    _mm512_shuffle_f32x4(v[2].v, v[3].v, 0xEE));
+    // Lanes i + (i + 4): one 128-bit lane of 4 partial sums per vector, a b c d.
+    const __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    // Then i + (i + 2) and i + (i + 1) within each 128-bit lane; the sums land in lanes 0, 4, 8, 12.
+    const __m512 s2 = _mm512_add_ps(s4, _mm512_permute_ps(s4, 0xEE));
+    const __m512 s1 = _mm512_add_ps(s2, _mm512_permute_ps(s2, 0x01));
+    const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s1);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(sums));
   }
 };
 #include "csr_kernels.inc"
