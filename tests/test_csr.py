@@ -232,11 +232,13 @@ def _wide_structure(n_rows, n_cols, density, seed, shuffle=False):
 # (csr_cpu.cpp, kSpmmChunking: 512 KiB of the input tile, at least 8 nonzeros per row
 # and chunk): 4096 columns x 128 batch lanes at density 0.15 is chunked (1024 columns
 # per chunk, also at density 0.02: 20 per row and chunk), a 16-wide batch slice or
-# density 0.00375 is not. Chunking must change no bit.
+# density 0.00375 is not. 600 rows at density 0.15 go in several blocks of rows
+# (256 each). Chunking must change no bit.
+@pytest.mark.parametrize("n_rows", [40, 600])
 @pytest.mark.parametrize("density", [0.15, 0.02])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
-def test_cpu_column_chunking_changes_no_result(shuffle, density):
-    n_rows, n_cols, batch = 40, 4096, 160
+def test_cpu_column_chunking_changes_no_result(shuffle, density, n_rows):
+    n_cols, batch = 4096, 160
     row_ptr, col_idx = _wide_structure(n_rows, n_cols, density, seed=1, shuffle=shuffle)
     g = seeded(2)
     values = torch.randn(col_idx.numel(), generator=g)
@@ -490,11 +492,13 @@ def test_csr_linear_backward_is_the_two_ops_it_fuses(device, dtype, kind, batch)
 
 
 # The fused CPU kernel walks the transposed structure, chunking its columns (W's rows)
-# like the SpMM (kBackwardChunking: 512 columns per chunk at 128 lanes): W of 4096 rows
-# x 40 columns at density 0.15, batch 130 (a full tile and a tail), is chunked; W.T's
-# shape and batch slices of 16 are not.
+# like the SpMM (kBackwardChunking: 512 columns per chunk at 128 lanes, blocks of 256
+# rows): W of 4096 rows x 40 columns at density 0.15, batch 130 (a full tile and a
+# tail), is chunked, with 600 columns in several blocks; W.T's shape and batch slices
+# of 16 are not.
 @pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
-@pytest.mark.parametrize("shape", [(4096, 40), (40, 4096)], ids=["chunked", "unchunked"])
+@pytest.mark.parametrize("shape", [(4096, 40), (4096, 600), (40, 4096)],
+                         ids=["chunked", "chunked-blocks", "unchunked"])
 def test_csr_linear_backward_on_wide_layers(shape, shuffle):
     n_out, n_in = shape
     row_ptr, col_idx = _wide_structure(n_out, n_in, 0.15, seed=6, shuffle=shuffle)

@@ -32,6 +32,12 @@
 namespace sparsemom {
 namespace {
 
+// How a kernel's walk takes the columns (csr_kernels.inc, walk_column_chunks).
+struct ColumnChunks {
+  int64_t cols;       // columns per chunk; n_cols: not chunked
+  int64_t row_block;  // chunked: rows per pass over a chunk
+};
+
 struct SpmmArgs {
   const int32_t* row_ptr;
   const int32_t* col_idx;
@@ -42,7 +48,7 @@ struct SpmmArgs {
   int64_t batch;
   int64_t nnz;
   int64_t n_cols;
-  int64_t chunk_cols;  // columns per chunk (see csr_kernels.inc); n_cols: not chunked
+  ColumnChunks chunks;
 };
 
 struct SddmmArgs {
@@ -54,7 +60,7 @@ struct SddmmArgs {
   int64_t batch;
   int64_t nnz;
   int64_t n_cols;
-  int64_t chunk_cols;
+  ColumnChunks chunks;
 };
 
 // The fused backward (csr_linear_backward), walked over the transposed
@@ -72,7 +78,7 @@ struct BackwardArgs {
   int64_t batch;
   int64_t nnz;
   int64_t n_cols;  // n_out
-  int64_t chunk_cols;
+  ColumnChunks chunks;
 };
 
 // Batch entries per register tile: 8 vectors of 16 floats. A tile of the
@@ -83,33 +89,44 @@ constexpr int64_t kTileLanes = 128;
 constexpr int64_t kPrefetchAhead = 16;
 
 // Column chunking (csr_kernels.inc): when the input tile of all columns does not
-// fit in L2 (2 MiB for 4096 features at 128 lanes), rows go in blocks of
-// kRowBlock over chunks of columns whose input tile is `chunk_bytes`, so that what
-// a block reads stays in L2. It costs a store and a reload of each row's output
-// tile per chunk (the fused backward also reloads its x tile), so it is used only
-// when rows have at least `min_nonzeros_per_row_chunk` nonzeros per chunk on average.
-constexpr int64_t kRowBlock = 256;
+// fit in L2 (2 MiB for 4096 features at 128 lanes), rows go in blocks over chunks
+// of columns whose input tile is `chunk_bytes`, so that what a block reads stays in
+// L2. It costs a store and a reload of each row's output tile per chunk (the fused
+// backward also reloads its x tile), so it is used only when rows have at least
+// `min_nonzeros_per_row_chunk` nonzeros per chunk on average. A block passes over
+// each chunk once, so larger blocks read the chunks fewer times but park more
+// output tiles in L2: a block has about `block_nonzeros` nonzeros per chunk, within
+// [min_row_block, max_row_block] rows.
+constexpr int64_t kMaxRowBlock = 2048;
 struct ColumnChunking {
   int64_t chunk_bytes;
   int64_t min_nonzeros_per_row_chunk;
+  int64_t block_nonzeros;
+  int64_t min_row_block, max_row_block;
 };
-// SpMM and SDDMM, 128 x 4096 -> 4096, 2 threads, chunked against not, interleaved in
-// one process: 1.3x faster at density 0.01-0.03 (10-30 nonzeros per row and chunk),
-// 1.1-1.3x slower at 0.005 and 0.002 (5 and 2).
-constexpr ColumnChunking kSpmmChunking{512 * 1024, 8};
+// SpMM and SDDMM, 128 x 4096 -> 4096, 2 threads, interleaved in one process.
+// Chunked against not: 1.3x faster at density 0.01-0.03 (10-30 nonzeros per row
+// and chunk), 1.1-1.3x slower at 0.005 and 0.002 (5 and 2). Blocks of 256 rows
+// against 1024 or 2048: 256 is best at 0.1 (100 nonzeros per row and chunk; 1024 is
+// 0.8-0.9x), on par at 0.07, and 1.05-1.1x slower at 0.05, 1.15-1.3x at 0.01-0.03.
+constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlock};
 // The fused backward also keeps the lines of `values` and `grad_values` it reaches
-// through `perm` in L2, so half the chunk: 3-15% faster than 512 KiB at density
-// 0.03-0.1 over five such runs. Below about 3% it runs faster unchunked (density
-// 0.01: 4.0 ms unchunked, 4.9 ms chunked).
-constexpr ColumnChunking kBackwardChunking{256 * 1024, 16};
+// through `perm` in L2, so half the chunk and blocks of 256 rows: 3-15% faster than
+// 512 KiB at density 0.03-0.1 over five such runs, and larger blocks were slower at
+// 0.1. Below about 3% it runs faster unchunked (density 0.01: 4.0 ms unchunked,
+// 4.9 ms chunked).
+constexpr ColumnChunking kBackwardChunking{256 * 1024, 16, 0, 256, 256};
 
-// Columns per chunk for a walk over n_rows x n_cols with nnz nonzeros; n_cols:
-// not chunked.
-int64_t chunk_columns(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch, const ColumnChunking& policy) {
+// How a walk over n_rows x n_cols with nnz nonzeros takes its columns.
+ColumnChunks column_chunks(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch,
+                           const ColumnChunking& policy) {
   const int64_t lanes = std::clamp<int64_t>(batch, 1, kTileLanes);
   const int64_t chunk = std::max<int64_t>(16, policy.chunk_bytes / (lanes * static_cast<int64_t>(sizeof(float))));
-  if (chunk >= n_cols || nnz * chunk < policy.min_nonzeros_per_row_chunk * n_rows * n_cols) return n_cols;
-  return chunk;
+  const int64_t grid = n_rows * n_cols;
+  if (chunk >= n_cols || nnz * chunk < policy.min_nonzeros_per_row_chunk * grid) return {n_cols, n_rows};
+  // nnz * chunk / grid nonzeros per row and chunk (at least min_nonzeros_per_row_chunk > 0 here).
+  const int64_t rows = policy.block_nonzeros * grid / (nnz * chunk);
+  return {chunk, std::clamp(rows, policy.min_row_block, policy.max_row_block)};
 }
 
 // ----------------------------------------------------------------- vector types
@@ -555,7 +572,7 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at
   if (kernel_checks_columns) {
     const SpmmArgs args{rp_p, ci.data_ptr<int32_t>(), vals.data_ptr<float>(),
                         data_or_null<float>(b), xt.data_ptr<float>(), yt.data_ptr<float>(), batch, ci.numel(),
-                        n_cols, chunk_columns(n_rows, n_cols, ci.numel(), batch, kSpmmChunking)};
+                        n_cols, column_chunks(n_rows, n_cols, ci.numel(), batch, kSpmmChunking)};
     run_checking_columns(SPARSEMOM_ROWS_FN(spmm_rows), args, rp_p, n_rows, ci.data_ptr<int32_t>());
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_spmm_cpu", [&] {
@@ -583,7 +600,7 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
   if (kernel_checks_columns) {
     const SddmmArgs args{rp_p, ci.data_ptr<int32_t>(), at_.data_ptr<float>(), bt.data_ptr<float>(),
                          out.data_ptr<float>(), batch, nnz, n_cols,
-                         chunk_columns(n_rows, n_cols, nnz, batch, kSpmmChunking)};
+                         column_chunks(n_rows, n_cols, nnz, batch, kSpmmChunking)};
     run_checking_columns(SPARSEMOM_ROWS_FN(sddmm_rows), args, rp_p, n_rows, ci.data_ptr<int32_t>());
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "csr_sddmm_cpu", [&] {
@@ -621,7 +638,7 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward_cpu(const at::Tensor& gra
   const BackwardArgs args{cp_p, ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), vals.data_ptr<float>(),
                           gt.data_ptr<float>(), xt.data_ptr<float>(), gxt.data_ptr<float>(),
                           grad_values.data_ptr<float>(), batch, nnz, n_out,
-                          chunk_columns(n_in, n_out, nnz, batch, kBackwardChunking)};
+                          column_chunks(n_in, n_out, nnz, batch, kBackwardChunking)};
   std::atomic<bool> complete{true};
   parallel_over_rows(cp_p, n_in, batch, [&](int64_t r0, int64_t r1) {
     if (!SPARSEMOM_ROWS_FN(backward_rows)(args, r0, r1)) complete = false;
