@@ -111,8 +111,8 @@ struct ColumnChunking {
 // 0.8-0.9x), on par at 0.07, and 1.05-1.1x slower at 0.05, 1.15-1.3x at 0.01-0.03.
 constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlock};
 // The fused backward also keeps the lines of `values` and `grad_values` it reaches
-// through `perm` in L2, so half the chunk and blocks of 256 rows: 3-15% faster than
-// 512 KiB at density 0.03-0.1 over five such runs, and larger blocks were slower at
+// through `perm` in L2, so half the chunk and blocks of 256 rows: 4-14% faster than
+// 512 KiB at density 0.05 and 0.1 in four such runs, and larger blocks were slower at
 // 0.1. Below about 3% it runs faster unchunked (density 0.01: 4.0 ms unchunked,
 // 4.9 ms chunked).
 constexpr ColumnChunking kBackwardChunking{256 * 1024, 16, 0, 256, 256};
