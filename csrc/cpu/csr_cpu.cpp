@@ -108,7 +108,7 @@ struct ColumnChunking {
 // Chunked against not: 1.3x faster at density 0.01-0.03 (10-30 nonzeros per row
 // and chunk), 1.1-1.3x slower at 0.005 and 0.002 (5 and 2). Blocks of 256 rows
 // against 1024 or 2048: 256 is best at 0.1 (100 nonzeros per row and chunk; 1024 is
-// 0.8-0.9x), on par at 0.07, and 1.05-1.1x slower at 0.05, 1.15-1.3x at 0.01-0.03.
+// 0.8-0.9x), on par at 0.07, about 1.05x slower at 0.05 and 1.13-1.31x at 0.01-0.03.
 constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlock};
 // The fused backward also keeps the lines of `values` and `grad_values` it reaches
 // through `perm` in L2, so half the chunk and blocks of 256 rows: 4-14% faster than
