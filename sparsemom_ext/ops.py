@@ -291,8 +291,8 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
     ``col_idx``, so it validates the transposed structure's content (``col_ptr``, and
     ``row_idx`` and ``perm`` in range), not ``col_idx``'s; that the two structures agree, and
     that ``perm`` is a permutation, is the caller's to keep (as for :func:`csr_linear`):
-    pass what :func:`csr_transpose` returned. ``grad_x`` is
-    ``(batch, in_features)`` feature-major, ``grad_values`` ``(nnz,)`` in CSR order.
+    pass what :func:`csr_transpose` returned. ``grad_x`` is ``(batch, in_features)``
+    feature-major, ``grad_values`` ``(nnz,)`` in CSR order.
     """
     return torch.ops.sparsemom.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
 

@@ -116,6 +116,8 @@ constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlo
 // 0.1. Below about 3% it runs faster unchunked (density 0.01: 4.0 ms unchunked,
 // 4.9 ms chunked).
 constexpr ColumnChunking kBackwardChunking{256 * 1024, 16, 0, 256, 256};
+static_assert(kSpmmChunking.max_row_block <= kMaxRowBlock && kBackwardChunking.max_row_block <= kMaxRowBlock,
+              "walk_column_chunks keeps one entry per row of a block on the stack");
 
 // How a walk over n_rows x n_cols with nnz nonzeros takes its columns.
 ColumnChunks column_chunks(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch,
