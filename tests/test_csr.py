@@ -492,16 +492,18 @@ def test_csr_linear_backward_is_the_two_ops_it_fuses(device, dtype, kind, batch)
 
 
 # The fused CPU kernel walks the transposed structure, chunking its columns (W's rows)
-# like the SpMM (kBackwardChunking: 512 columns per chunk at 128 lanes, blocks of 256
-# rows): W of 4096 rows x 40 columns at density 0.15, batch 130 (a full tile and a
-# tail), is chunked, with 600 columns in several blocks; W.T's shape and batch slices
-# of 16 are not.
+# like the SpMM. At density 0.15 (kBackwardChunking: 512 columns per chunk at 128
+# lanes, blocks of 256 rows) W of 4096 rows x 40 columns, batch 130 (a full tile and a
+# tail), is chunked, with 1100 columns in several blocks; at 0.02 (kSparseBackwardChunking:
+# 1024 columns per chunk, blocks of 1024 rows) too. W.T's shape and batch slices of 16
+# are not chunked.
 @pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
-@pytest.mark.parametrize("shape", [(4096, 40), (4096, 600), (40, 4096)],
+@pytest.mark.parametrize("density", [0.15, 0.02])
+@pytest.mark.parametrize("shape", [(4096, 40), (4096, 1100), (40, 4096)],
                          ids=["chunked", "chunked-blocks", "unchunked"])
-def test_csr_linear_backward_on_wide_layers(shape, shuffle):
+def test_csr_linear_backward_on_wide_layers(shape, density, shuffle):
     n_out, n_in = shape
-    row_ptr, col_idx = _wide_structure(n_out, n_in, 0.15, seed=6, shuffle=shuffle)
+    row_ptr, col_idx = _wide_structure(n_out, n_in, density, seed=6, shuffle=shuffle)
     g = seeded(7)
     values = torch.randn(col_idx.numel(), generator=g)
     grad, x = torch.randn(130, n_out, generator=g), torch.randn(130, n_in, generator=g)

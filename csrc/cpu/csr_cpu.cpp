@@ -113,10 +113,15 @@ constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlo
 // The fused backward also keeps the lines of `values` and `grad_values` it reaches
 // through `perm` in L2, so half the chunk and blocks of 256 rows: 4-14% faster than
 // 512 KiB at density 0.05 and 0.1 in four such runs, and larger blocks were slower at
-// 0.1. Below about 3% it runs faster unchunked (density 0.01: 4.0 ms unchunked,
-// 4.9 ms chunked).
+// 0.1. Where that leaves fewer than 16 nonzeros per row and chunk (density below
+// about 3%), 512 KiB chunks in blocks of 1024 rows instead, from 12 nonzeros per row
+// and chunk: 1.1-1.25x faster than unchunked at density 0.015-0.03 (and than blocks of
+// 256 or 2048 rows), on par with the first policy at 0.04, while at 0.01 (10 per row
+// and chunk) unchunked stays 1.07-1.13x faster.
 constexpr ColumnChunking kBackwardChunking{256 * 1024, 16, 0, 256, 256};
-static_assert(kSpmmChunking.max_row_block <= kMaxRowBlock && kBackwardChunking.max_row_block <= kMaxRowBlock,
+constexpr ColumnChunking kSparseBackwardChunking{512 * 1024, 12, 0, 1024, 1024};
+static_assert(kSpmmChunking.max_row_block <= kMaxRowBlock && kBackwardChunking.max_row_block <= kMaxRowBlock &&
+                  kSparseBackwardChunking.max_row_block <= kMaxRowBlock,
               "walk_column_chunks keeps one entry per row of a block on the stack");
 
 // How a walk over n_rows x n_cols with nnz nonzeros takes its columns.
@@ -129,6 +134,12 @@ ColumnChunks column_chunks(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t 
   // nnz * chunk / grid nonzeros per row and chunk (at least min_nonzeros_per_row_chunk > 0 here).
   const int64_t rows = policy.block_nonzeros * grid / (nnz * chunk);
   return {chunk, std::clamp(rows, policy.min_row_block, policy.max_row_block)};
+}
+
+// The fused backward's: kBackwardChunking where it chunks, else kSparseBackwardChunking.
+ColumnChunks backward_column_chunks(int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch) {
+  const ColumnChunks chunks = column_chunks(n_rows, n_cols, nnz, batch, kBackwardChunking);
+  return chunks.cols < n_cols ? chunks : column_chunks(n_rows, n_cols, nnz, batch, kSparseBackwardChunking);
 }
 
 // ----------------------------------------------------------------- vector types
@@ -640,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward_cpu(const at::Tensor& gra
   const BackwardArgs args{cp_p, ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), vals.data_ptr<float>(),
                           gt.data_ptr<float>(), xt.data_ptr<float>(), gxt.data_ptr<float>(),
                           grad_values.data_ptr<float>(), batch, nnz, n_out,
-                          column_chunks(n_in, n_out, nnz, batch, kBackwardChunking)};
+                          backward_column_chunks(n_in, n_out, nnz, batch)};
   std::atomic<bool> complete{true};
   parallel_over_rows(cp_p, n_in, batch, [&](int64_t r0, int64_t r1) {
     if (!SPARSEMOM_ROWS_FN(backward_rows)(args, r0, r1)) complete = false;
