@@ -115,9 +115,10 @@ constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlo
 // 512 KiB at density 0.05 and 0.1 in four such runs, and larger blocks were slower at
 // 0.1. Where that leaves fewer than 16 nonzeros per row and chunk (density below
 // about 3%), 512 KiB chunks in blocks of 1024 rows instead, from 12 nonzeros per row
-// and chunk: 1.1-1.25x faster than unchunked at density 0.015-0.03 (and than blocks of
-// 256 or 2048 rows), on par with the first policy at 0.04, while at 0.01 (10 per row
-// and chunk) unchunked stays 1.07-1.13x faster.
+// and chunk: 1.1-1.25x faster than unchunked at density 0.015-0.03 in two runs (blocks
+// of 256 rows were slower; of 2048, faster at 0.02 in one run and up to 1.25x slower at
+// 0.03), on par with the first policy at 0.04, while at 0.01 (10 per row and chunk)
+// unchunked stays 1.07-1.13x faster.
 constexpr ColumnChunking kBackwardChunking{256 * 1024, 16, 0, 256, 256};
 constexpr ColumnChunking kSparseBackwardChunking{512 * 1024, 12, 0, 1024, 1024};
 static_assert(kSpmmChunking.max_row_block <= kMaxRowBlock && kBackwardChunking.max_row_block <= kMaxRowBlock &&
