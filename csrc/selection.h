@@ -115,7 +115,7 @@ SPARSEMOM_SELECT_INLINE T pick(const T (&values)[kClasses], int cls) {
   }
 }
 
-// SET's split of k over the two sides (ALGORITHMS.md section 1): ceil(k/2)
+// SET's split of k over the two sides (docs/algorithms.md, section 2): ceil(k/2)
 // from the >= 0 side, floor(k/2) from the < 0 side, and what a side cannot
 // give moves to the other. Requires 0 <= k <= available[0] + available[1].
 inline void set_prune_needs(int64_t k, const int64_t available[2], int64_t needs[2]) {

@@ -104,21 +104,17 @@ struct ColumnChunking {
   int64_t block_nonzeros;
   int64_t min_row_block, max_row_block;
 };
-// SpMM and SDDMM, 128 x 4096 -> 4096, 2 threads, interleaved in one process.
-// Chunked against not: 1.3x faster at density 0.01-0.03 (10-30 nonzeros per row
-// and chunk), 1.1-1.3x slower at 0.005 and 0.002 (5 and 2). Blocks of 256 rows
-// against 1024 or 2048: 256 is best at 0.1 (100 nonzeros per row and chunk; 1024 is
-// 0.8-0.9x), on par at 0.07, about 1.05x slower at 0.05 and 1.13-1.31x at 0.01-0.03.
+// SpMM and SDDMM (128 x 4096 -> 4096, 2 threads): chunking pays from about 8
+// nonzeros per row and chunk (1.3x at density 0.01-0.03; slower below), and blocks
+// of about 24K nonzeros (256 rows at density 0.1, more below) are up to 1.3x faster
+// than a fixed 256 rows.
 constexpr ColumnChunking kSpmmChunking{512 * 1024, 8, 24 * 1024, 256, kMaxRowBlock};
 // The fused backward also keeps the lines of `values` and `grad_values` it reaches
-// through `perm` in L2, so half the chunk and blocks of 256 rows: 4-14% faster than
-// 512 KiB at density 0.05 and 0.1 in four such runs, and larger blocks were slower at
-// 0.1. Where that leaves fewer than 16 nonzeros per row and chunk (density below
-// about 3%), 512 KiB chunks in blocks of 1024 rows instead, from 12 nonzeros per row
-// and chunk: 1.1-1.25x faster than unchunked at density 0.015-0.03 in two runs (blocks
-// of 256 rows were slower; of 2048, faster at 0.02 in one run and up to 1.25x slower at
-// 0.03), on par with the first policy at 0.04, while at 0.01 (10 per row and chunk)
-// unchunked stays 1.07-1.13x faster.
+// through `perm` in L2, so half the chunk and blocks of 256 rows (about 10% faster
+// than 512 KiB at density 0.05-0.1). Below about 3% density, where that leaves fewer
+// than 16 nonzeros per row and chunk, 512 KiB chunks in blocks of 1024 rows from 12
+// nonzeros per row and chunk (about 1.2x faster than unchunked at 0.015-0.03); at
+// 0.01 (10 per row and chunk) unchunked is faster, so it stays unchunked there.
 constexpr ColumnChunking kBackwardChunking{256 * 1024, 16, 0, 256, 256};
 constexpr ColumnChunking kSparseBackwardChunking{512 * 1024, 12, 0, 1024, 1024};
 static_assert(kSpmmChunking.max_row_block <= kMaxRowBlock && kBackwardChunking.max_row_block <= kMaxRowBlock &&

@@ -3,12 +3,12 @@
 Trains a model with sparse momentum (or SET / RigL-style growth, or dense with
 ``--dense``) and reports the test error, each layer's density, the time per epoch and
 two speed-ups over dense side by side: the paper's estimate and the measured wall
-clock (see :mod:`sparsemom_ext.train.speedup`). The defaults are the reference
-settings of the paper (ALGORITHMS.md section 4): SGD with Nesterov momentum 0.9, lr
-0.1, weight decay 5e-4, batch 100, lr x0.1 every 25,000 iterations, 100 epochs,
-density 0.05 with a uniform initial distribution, prune rate 0.5 decayed by cosine to
-0.005, topology updates at every epoch end, 10% of the training set held out for
-validation. Every one can be overridden.
+clock (see :mod:`sparsemom_ext.train.speedup`). The defaults are the settings of the
+paper's reference code: SGD with Nesterov momentum 0.9, lr 0.1, weight decay 5e-4,
+batch 100, lr x0.1 every 25,000 iterations, 100 epochs, density 0.05 with a uniform
+initial distribution, prune rate 0.5 decayed by cosine to 0.005, topology updates at
+every epoch end, 10% of the training set held out for validation. Every one can be
+overridden.
 
 Bad arguments (an unknown model, a density outside (0, 1], a missing data directory,
 options the engine rejects together, ``--device cuda`` without CUDA, ...) end the
