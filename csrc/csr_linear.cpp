@@ -1,11 +1,12 @@
-// csr_linear: the differentiable sparse layer op. Its forward is csr_spmm
-// through the dispatcher (so every backend's kernel serves it); its backward is
-// csr_spmm on the cached transpose for the input's gradient and csr_sddmm for
-// the values' gradient, or csr_linear_backward (the two fused on the CPU) when
-// both are wanted. The autograd of csr_linear and transpose_contiguous is
-// C++ (registered for the Autograd key), not Python's register_autograd: that
-// cost about 120 us of host time per layer call, which on a GPU is more than the
-// kernels of a 128 x 4096 -> 4096 layer at 90% sparsity.
+// csr_linear and masked_linear: the differentiable sparse layer ops. Their
+// forward is csr_spmm through the dispatcher (so every backend's kernel serves
+// it) on the input made feature-major once; csr_linear's backward is csr_spmm on
+// the cached transpose for the input's gradient and csr_sddmm for the values',
+// or csr_linear_backward (the two fused on the CPU) when both are wanted;
+// masked_linear's weight gradient is dense (exact sparse momentum grows from it).
+// The autograd is C++ (registered for the Autograd key), not Python's: that cost
+// about 120 us of host time per layer call, more than the kernels of a
+// 128 x 4096 -> 4096 layer at 90% sparsity on a GPU.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -74,14 +75,26 @@ at::Tensor call_csr_linear(const at::Tensor& x, const at::Tensor& values, const 
 }
 
 // 2-D `t` with the same values stored feature-major (its transpose contiguous),
-// as the kernels read their dense operands; ops.py's _feature_major.
+// the layout the kernels read their dense operands in. A csr layer's output
+// already is feature-major, so stacked sparse layers (through elementwise ops)
+// copy nothing; anything else goes through the blocked transpose (on the CPU
+// about 2.5x faster than .t().contiguous() for 128 x 4096).
+bool is_feature_major(const at::Tensor& t) { return t.t().is_contiguous(); }
+
 at::Tensor feature_major(const at::Tensor& t) {
-  return t.t().is_contiguous() ? t : call_transpose_contiguous(t).t();
+  return is_feature_major(t) ? t : call_transpose_contiguous(t).t();
 }
 
-at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                      const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
-                      const at::Tensor& row_idx, const at::Tensor& perm) {
+// A gradient of the input, computed feature-major, in the layout the input came
+// in: a row-major input gets a row-major gradient, which the layer below reads
+// without the slow strided copy autograd would otherwise make.
+at::Tensor in_layout_of_input(const at::Tensor& grad_x, bool input_was_feature_major) {
+  if (!grad_x.defined() || input_was_feature_major) return grad_x;
+  return call_transpose_contiguous(grad_x.t());
+}
+
+void check_transposed_structure(const at::Tensor& x, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                                const at::Tensor& row_idx, const at::Tensor& perm) {
   // The transposed structure is only read by the backward; it must still agree
   // with the forward's, or the gradients would belong to another matrix.
   TORCH_CHECK_VALUE(col_ptr.dim() == 1 && row_idx.dim() == 1 && perm.dim() == 1 &&
@@ -92,7 +105,40 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::
   TORCH_CHECK_VALUE(x.dim() == 2 && col_ptr.numel() == x.size(1) + 1,
                     "col_ptr must have in_features + 1 = x.size(1) + 1 entries, got ", col_ptr.numel(),
                     " for x of shape ", x.sizes());
-  return call_csr_spmm(x, row_ptr, col_idx, values, std::nullopt, bias);
+}
+
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                      const at::Tensor& row_idx, const at::Tensor& perm) {
+  check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
+  return call_csr_spmm(feature_major(x), row_ptr, col_idx, values, std::nullopt, bias);
+}
+
+// The active weights of a dense `weight` at its mask's nonzeros, in CSR order.
+at::Tensor gather_active(const at::Tensor& weight, const at::Tensor& flat_index) {
+  return weight.reshape({-1}).index_select(0, flat_index);
+}
+
+void check_masked_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_ptr,
+                              const at::Tensor& col_idx, const at::Tensor& flat_index) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && row_ptr.numel() == weight.size(0) + 1,
+                    "weight must be 2-D (out_features, in_features) with row_ptr of out_features + 1 "
+                    "entries, got weight of shape ", weight.sizes(), " and ", row_ptr.numel(), " row_ptr entries");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == weight.size(1), "x must be (batch, in_features = ",
+                    weight.size(1), "), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(flat_index.dim() == 1 && flat_index.scalar_type() == at::kLong &&
+                        flat_index.numel() == col_idx.numel(),
+                    "flat_index must be int64 with one entry per nonzero (", col_idx.numel(), "), got ",
+                    flat_index.scalar_type(), " of shape ", flat_index.sizes());
+}
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
+                         const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                         const at::Tensor& row_idx, const at::Tensor& perm, const at::Tensor& flat_index) {
+  check_masked_linear_args(x, weight, row_ptr, col_idx, flat_index);
+  check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
+  return call_csr_spmm(feature_major(x), row_ptr, col_idx, gather_active(weight, flat_index), std::nullopt,
+                       bias);
 }
 
 // csr_linear_backward on devices without a fused kernel (the CPU has one,
@@ -106,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward(const at::Tensor& grad, c
           call_csr_sddmm(grad, x, row_ptr, col_idx)};
 }
 
-// transpose_contiguous, the layout change csr_linear's inputs go through, on
+// transpose_contiguous, the layout change the layer ops' inputs go through, on
 // devices without a kernel of their own (the CPU has a blocked one, csr_cpu.cpp).
 at::Tensor transpose_contiguous(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
@@ -119,10 +165,14 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
                             const OptionalTensor& bias, const at::Tensor& row_ptr,
                             const at::Tensor& col_idx, const at::Tensor& col_ptr,
                             const at::Tensor& row_idx, const at::Tensor& perm) {
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->save_for_backward({x, values, row_ptr, col_idx, col_ptr, row_idx, perm});
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_csr_linear(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm);
+    check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
+    // Made once, the feature-major input serves the forward and the SDDMM.
+    const at::Tensor xf = feature_major(x);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["x_feature_major"] = is_feature_major(x);
+    ctx->save_for_backward({xf, values, row_ptr, col_idx, col_ptr, row_idx, perm});
+    return call_csr_linear(xf, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -145,7 +195,45 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
       grad_values = call_csr_sddmm(grad, x, row_ptr, col_idx);
     }
     if (want_bias) grad_bias = grad.sum(0);
+    grad_x = in_layout_of_input(grad_x, ctx->saved_data["x_feature_major"].toBool());
     return {grad_x, grad_values, grad_bias, {}, {}, {}, {}, {}};
+  }
+};
+
+class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const OptionalTensor& bias, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                            const at::Tensor& row_idx, const at::Tensor& perm, const at::Tensor& flat_index) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    check_masked_linear_args(x, weight, row_ptr, col_idx, flat_index);
+    check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
+    const at::Tensor xf = feature_major(x);
+    const at::Tensor values = gather_active(weight, flat_index);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["x_feature_major"] = is_feature_major(x);
+    ctx->save_for_backward({xf, values, col_ptr, row_idx, perm});
+    return call_csr_spmm(xf, row_ptr, col_idx, values, std::nullopt, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &values = saved[1], &col_ptr = saved[2], &row_idx = saved[3],
+                     &perm = saved[4];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool want_x = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
+    const bool want_bias = has_bias && ctx->needs_input_grad(2);
+    at::Tensor grad_x, grad_weight, grad_bias;
+    if (want_x) {
+      grad_x = in_layout_of_input(call_csr_spmm(feature_major(grads[0]), col_ptr, row_idx, values, perm,
+                                                std::nullopt),
+                                  ctx->saved_data["x_feature_major"].toBool());
+    }
+    // Dense, as F.linear's: the momentum of every inactive weight is the growth signal.
+    if (want_weight) grad_weight = grads[0].t().mm(x);
+    if (want_bias) grad_bias = grads[0].sum(0);
+    return {grad_x, grad_weight, grad_bias, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -170,6 +258,13 @@ at::Tensor csr_linear_autograd(const at::Tensor& x, const at::Tensor& values,
   return CsrLinearFunction::apply(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm);
 }
 
+at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
+                                  const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& perm,
+                                  const at::Tensor& flat_index) {
+  return MaskedLinearFunction::apply(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, perm, flat_index);
+}
+
 at::Tensor transpose_contiguous_autograd(const at::Tensor& x) {
   return TransposeContiguousFunction::apply(x);
 }
@@ -178,12 +273,14 @@ at::Tensor transpose_contiguous_autograd(const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(sparsemom, CompositeExplicitAutograd, m) {
   m.impl("csr_linear", &csr_linear);
+  m.impl("masked_linear", &masked_linear);
   m.impl("csr_linear_backward", &csr_linear_backward);
   m.impl("transpose_contiguous", &transpose_contiguous);
 }
 
 TORCH_LIBRARY_IMPL(sparsemom, Autograd, m) {
   m.impl("csr_linear", &csr_linear_autograd);
+  m.impl("masked_linear", &masked_linear_autograd);
   m.impl("transpose_contiguous", &transpose_contiguous_autograd);
 }
 

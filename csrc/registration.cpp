@@ -94,6 +94,13 @@ TORCH_LIBRARY(sparsemom, m) {
   m.def(
       "csr_linear(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
       "Tensor col_ptr, Tensor row_idx, Tensor perm) -> Tensor");
+  // masked_linear: the mask layout's sparse layer, x W^T + bias with the active
+  // weights of the dense `weight` (its flat_index entries, in CSR order) through
+  // csr_spmm, the grad of x through the transposed structure, the grad of weight
+  // dense. Both layer ops take x of any strides and make it feature-major once.
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor row_idx, Tensor perm, Tensor flat_index) -> Tensor");
   // csr_linear_backward: csr_linear's two gradients at once, (grad_x, grad_values) =
   // (csr_spmm(grad, col_ptr, row_idx, values, perm), csr_sddmm(grad, x, row_ptr, col_idx)).
   // The CPU fuses them into one pass (each nonzero reads grad's tile once, not twice).

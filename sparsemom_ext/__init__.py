@@ -8,7 +8,7 @@ with the mask (:mod:`sparsemom_ext.optim`) and the packaged MNIST data
 (:mod:`sparsemom_ext.data`).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
@@ -32,9 +32,10 @@ from .ops import (  # noqa: E402
 )
 from .sparsity import SparseMomentum, attach_mask, detach_mask, mask_of  # noqa: E402
 from . import nn  # noqa: E402
-from .nn import SparseConv2d, SparseLinear, density_report, sparsify  # noqa: E402
+from .nn import CsrLinear, SparseConv2d, SparseLinear, density_report, sparsify  # noqa: E402
 
 __all__ = [
+    "CsrLinear",
     "SparseConv2d",
     "SparseLinear",
     "SparseMomentum",

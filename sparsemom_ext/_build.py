@@ -4,6 +4,8 @@ import json
 
 import torch
 
+from ._version import __version__
+
 
 def build_info() -> dict:
     """Describe the build of the ``sparsemom_ext`` extension.
@@ -25,7 +27,6 @@ def build_info() -> dict:
     - ``openmp``: whether CPU kernels run multi-threaded; ``num_threads``: torch's
       current intra-op thread count; ``compiler``: the C++ compiler used.
     """
-    from . import __version__
 
     info = json.loads(torch.ops.sparsemom.build_info())
     cuda_version = info.pop("cuda_version")

@@ -17,6 +17,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+# The structure conversions (torch ops, used when a structure is built or changes) live
+# with the other CSR structure rules; they are part of this module's API too.
+from .csr_structure import csr_from_mask, csr_to_dense, csr_to_mask, csr_values_from_dense  # noqa: E402,F401
+
 __all__ = [
     "csr_from_mask",
     "csr_linear",
@@ -30,6 +34,7 @@ __all__ = [
     "fused_sgd_step_",
     "magnitude_prune",
     "mask_apply_",
+    "masked_linear",
     "momentum_grow",
     "set_prune",
 ]
@@ -297,20 +302,6 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
     return torch.ops.sparsemom.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
 
 
-def _feature_major(t: Tensor) -> Tensor:
-    """2-D ``t`` with the same values stored feature-major (its transpose contiguous).
-
-    The CSR kernels read their dense operands that way and copy anything else. The
-    copy is ``sparsemom::transpose_contiguous`` (on the CPU a blocked transpose, about
-    2.5x faster than ``.t().contiguous()`` for 128 x 4096; its backward hands the
-    gradient back row-major). Made once here, the forward and the backward's SDDMM
-    share one copy of the input (and the backward's two kernels one of the output
-    gradient) instead of each making its own; a csr layer's output already is
-    feature-major, so stacked csr layers (through elementwise ops) copy nothing.
-    """
-    return t if t.t().is_contiguous() else torch.ops.sparsemom.transpose_contiguous(t).t()
-
-
 @torch.library.register_fake("sparsemom::transpose_contiguous")
 def _transpose_contiguous_fake(x):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D, got shape {tuple(x.shape)}")
@@ -324,54 +315,38 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     ``(col_ptr, row_idx, perm)`` is ``csr_transpose(row_ptr, col_idx, in_features)``:
     the gradient of ``x`` is :func:`csr_spmm` on it, the gradient of ``values``
     :func:`csr_sddmm`. Leading dimensions of ``x`` are flattened into the batch; the result
-    is ``(*, n_rows)``, feature-major in memory.
+    is ``(*, n_rows)``, feature-major in memory. The op makes ``x`` feature-major once
+    (``transpose_contiguous``; nothing when it already is, as a csr layer's output is)
+    for the forward and the backward's SDDMM, and hands the gradient of ``x`` back in
+    ``x``'s own layout.
     """
     lead = x.shape[:-1]
-    y = torch.ops.sparsemom.csr_linear(_feature_major(x.reshape(-1, x.shape[-1])), values, bias, row_ptr,
-                                       col_idx, col_ptr, row_idx, perm)
+    y = torch.ops.sparsemom.csr_linear(x.reshape(-1, x.shape[-1]), values, bias, row_ptr, col_idx, col_ptr,
+                                       row_idx, perm)
     return y.reshape(*lead, y.shape[-1])
 
 
-for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear, csr_linear_backward):
+def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
+                  col_ptr: Tensor, row_idx: Tensor, perm: Tensor, flat_index: Tensor) -> Tensor:
+    """``x @ weight.T + bias`` for a dense ``weight`` that is zero off its mask, with the sparse kernels.
+
+    ``(row_ptr, col_idx)`` is the mask's structure (:func:`csr_from_mask`), ``(col_ptr,
+    row_idx, perm)`` its transpose and ``flat_index`` the int64 flat index of each nonzero
+    in CSR order (``mask.reshape(-1).nonzero().reshape(-1)``). The forward and the
+    gradient of ``x`` run :func:`csr_spmm` on the active weights; the gradient of
+    ``weight`` is dense, ``grad.T @ x`` as ``F.linear``'s (exact sparse momentum grows
+    from the momentum of every inactive weight). Autograd for ``x``, ``weight`` and
+    ``bias``, in C++. Leading dimensions of ``x`` are flattened into the batch.
+    """
+    lead = x.shape[:-1]
+    y = torch.ops.sparsemom.masked_linear(x.reshape(-1, x.shape[-1]), weight, bias, row_ptr, col_idx, col_ptr,
+                                          row_idx, perm, flat_index)
+    return y.reshape(*lead, y.shape[-1])
+
+
+for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear, masked_linear, csr_linear_backward):
     if _fn.__doc__ is not None:
         _fn.__doc__ += _CSR_RULES
-
-
-# Conversions: torch ops (any device), used when a structure is built or changes,
-# never per step. Row-major order of the mask is CSR order.
-def csr_from_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(row_ptr, col_idx)`` (int32) of the True entries of a 2-D bool ``mask``, columns sorted."""
-    if mask.dtype != torch.bool or mask.dim() != 2:
-        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
-    torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
-    col_idx = mask.nonzero()[:, 1].to(torch.int32)
-    return row_ptr, col_idx
-
-
-def _row_of_each_nonzero(row_ptr: Tensor) -> Tensor:
-    counts = row_ptr.diff().long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
-
-
-def csr_to_mask(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
-    """The ``(n_rows, n_cols)`` bool mask of a CSR structure."""
-    mask = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=torch.bool, device=row_ptr.device)
-    mask[_row_of_each_nonzero(row_ptr), col_idx.long()] = True
-    return mask
-
-
-def csr_values_from_dense(weight: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    """The entries of a dense 2-D ``weight`` at the structure's positions, in CSR order."""
-    return weight[_row_of_each_nonzero(row_ptr), col_idx.long()]
-
-
-def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
-    """The dense ``(n_rows, n_cols)`` matrix, zero off the structure (repeated positions add up)."""
-    dense = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=values.dtype, device=values.device)
-    dense.index_put_((_row_of_each_nonzero(row_ptr), col_idx.long()), values, accumulate=True)
-    return dense
 
 
 def _csr_fake_checks(row_ptr: Tensor, col_idx: Tensor) -> None:
@@ -412,6 +387,18 @@ def _csr_transpose_fake(row_ptr, col_idx, n_cols):
 @torch.library.register_fake("sparsemom::csr_linear")
 def _csr_linear_fake(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm):
     return _csr_spmm_fake(x, row_ptr, col_idx, values, None, bias)
+
+
+@torch.library.register_fake("sparsemom::masked_linear")
+def _masked_linear_fake(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, perm, flat_index):
+    torch._check(weight.dim() == 2 and row_ptr.shape[0] == weight.shape[0] + 1,
+                 lambda: f"weight must be 2-D (out_features, in_features) with row_ptr of out_features + 1 "
+                         f"entries, got weight of shape {tuple(weight.shape)}")
+    torch._check(x.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: f"x must be (batch, in_features = {weight.shape[1]}), got shape {tuple(x.shape)}")
+    torch._check(flat_index.dtype == torch.int64 and flat_index.shape == col_idx.shape,
+                 lambda: f"flat_index must be int64 with one entry per nonzero ({col_idx.numel()})")
+    return _csr_spmm_fake(x, row_ptr, col_idx, weight.new_empty(col_idx.shape), None, bias)
 
 
 @torch.library.register_fake("sparsemom::csr_linear_backward")

@@ -21,7 +21,7 @@ not fused.
 import torch
 
 from . import ops
-from .sparsity import mask_of
+from .sparsity.masks import MaskingOptimizer, mask_of
 
 __all__ = ["SGD", "Adam", "AdamW"]
 
@@ -39,7 +39,7 @@ def _parent_step(cls):
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
-class _MaskedStepMixin:
+class _MaskedStepMixin(MaskingOptimizer):
     """Shared step logic: split masked parameters off, fuse their update."""
 
     _parent_cls: type

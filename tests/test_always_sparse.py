@@ -20,7 +20,7 @@ import sparsemom_ext as sm
 from sparsemom_ext.nn import SparseLinear
 from sparsemom_ext.sparsity.engine import SparseMomentum
 from sparsemom_ext.sparsity.sampling import grabo_factors, sample_inactive
-from sparsemom_ext.sparsity.topology import flat_indices, relayout_plan, structure_from_flat
+from sparsemom_ext.csr_structure import flat_indices, relayout_plan, structure_from_flat
 
 from conftest import train_steps
 

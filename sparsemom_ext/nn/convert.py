@@ -1,4 +1,4 @@
-"""sparsify(): turn a model's Linear/Conv2d layers into sparse ones; density_report()."""
+"""sparsify(): turn a model's Linear/Conv2d layers into sparse ones; to_layout(); density_report()."""
 
 import math
 from dataclasses import dataclass
@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ..sparsity.init import check_density, check_distribution, check_generator, layer_counts
-from .modules import SparseConv2d, SparseLinear, check_layout
+from .csr_layout import CsrLinear
+from .mask_layout import SparseConv2d, SparseLinear, check_layout
 
-__all__ = ["DensityReport", "DensityRow", "density_report", "sparsify"]
+__all__ = ["DensityReport", "DensityRow", "density_report", "sparsify", "to_layout"]
 
 _SPARSE_FOR = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
-_SPARSE_TYPES = (SparseLinear, SparseConv2d)
+_SPARSE_TYPES = (SparseLinear, SparseConv2d, CsrLinear)
 
 
 def _normalise_exclude(exclude) -> Tuple[set, tuple]:
@@ -36,7 +37,7 @@ def _normalise_exclude(exclude) -> Tuple[set, tuple]:
 
 
 def _sparse_class(module: nn.Module) -> Optional[type]:
-    """SparseLinear/SparseConv2d for a layer sparsify() converts, else None."""
+    """The mask-layout class for a layer sparsify() converts, else None."""
     if isinstance(module, _SPARSE_TYPES):
         return None
     for dense_cls, sparse_cls in _SPARSE_FOR.items():
@@ -51,7 +52,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
 
     Each converted layer is ``SparseLinear.from_dense`` / ``SparseConv2d.from_dense`` of
     the original (its weight values kept at active positions, its bias, device, dtype
-    and train/eval mode). The active counts come from
+    and train/eval mode); with ``layout="csr"`` each SparseLinear then becomes a
+    :class:`~sparsemom_ext.nn.CsrLinear` (the same function, stored always-sparse, with
+    its default capacity). The active counts come from
     :func:`sparsemom_ext.sparsity.init.layer_counts` over all converted layers together,
     so ``distribution`` ("uniform", "er", "erk") shapes the per-layer densities and the
     converted layers hold exactly ``round(density * their total weights)`` active
@@ -61,7 +64,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     ``exclude`` holds module names as in ``named_modules()`` (``"fc3"``,
     ``"features.0"``; a container's name keeps everything inside it dense) and/or
     module classes (a layer that is, or sits inside, an instance stays dense). Layers
-    that already are SparseLinear/SparseConv2d are left alone and do not count in the
+    that already are sparse (SparseLinear, SparseConv2d, CsrLinear) are left alone and do not count in the
     density. Biases, norm layers and other modules are untouched; forward hooks of a
     replaced layer are not carried over. Build the optimizer after sparsify().
 
@@ -147,13 +150,34 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     counts = layer_counts([module.weight.shape for _, module in layers], density, distribution)
     replacement = {}
     for (name, module), count in zip(layers, counts):
-        replacement[id(module)] = _sparse_class(module)._wrap(module, count, layout, generator)
+        sparse = _sparse_class(module)._wrap(module, count, generator)
+        replacement[id(module)] = to_layout(sparse, layout)
 
     for parent in model.modules():
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacement:
                 parent._modules[child_name] = replacement[id(child)]
     return replacement.get(id(model), model)
+
+
+def to_layout(layer: nn.Module, layout: str, *, capacity: Optional[int] = None) -> nn.Module:
+    """``layer`` (a sparse linear layer) in ``layout``: ``layer`` itself when it already is,
+    else a new layer computing the same function with the same active weights, bias,
+    device, dtype and mode: a :class:`CsrLinear` (``capacity`` value slots; None: its
+    default) for ``"csr"``, a :class:`SparseLinear` for ``"mask"``. Build the optimizer
+    after converting. A SparseConv2d has the mask layout only."""
+    layout = check_layout(layout)
+    if not isinstance(layer, (SparseLinear, CsrLinear, SparseConv2d)):
+        raise TypeError(f"layer must be a SparseLinear, CsrLinear or SparseConv2d, got {type(layer).__name__}")
+    if layer.layout == layout:
+        return layer
+    if isinstance(layer, SparseConv2d):
+        raise ValueError("layout='csr' is implemented for linear layers only; a SparseConv2d stays in the "
+                         "mask layout")
+    if layout == "csr":
+        return CsrLinear.from_mask_layer(layer, capacity=capacity)
+    return SparseLinear.from_weight_and_mask(layer.dense_weight(), layer.mask, layer.bias,
+                                             requires_grad=layer.values.requires_grad, training=layer.training)
 
 
 @dataclass(frozen=True)
@@ -172,7 +196,7 @@ class DensityRow:
 class DensityReport:
     """The active-weight counts of a model's sparse layers.
 
-    ``rows``: one :class:`DensityRow` per SparseLinear/SparseConv2d, in
+    ``rows``: one :class:`DensityRow` per sparse layer (SparseLinear, SparseConv2d, CsrLinear), in
     ``named_modules()`` order; ``total``: their sums (name ``"total"``);
     ``total_density``: ``total.nnz / total.numel`` (0.0 without sparse layers).
     Counts are those of the masks. ``str(report)`` is an aligned table.
@@ -214,7 +238,7 @@ class DensityReport:
 
 
 def density_report(model: nn.Module) -> DensityReport:
-    """A :class:`DensityReport` of every SparseLinear/SparseConv2d in ``model``."""
+    """A :class:`DensityReport` of every sparse layer (SparseLinear, SparseConv2d, CsrLinear) in ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     rows: List[DensityRow] = []

@@ -1,4 +1,9 @@
-"""Sparsity: masks attached to parameters, mask initialisation, and the dynamic-sparsity engine."""
+"""Sparsity: masks attached to parameters, mask initialisation, and the dynamic-sparsity engine.
+
+- :mod:`.masks`, :mod:`.init`: which parameters carry a mask, and how masks are drawn;
+- :mod:`.engine`: :class:`SparseMomentum`, the orchestration of a topology update, built
+  from :mod:`.schedule`, :mod:`.growth`, :mod:`.signals`, :mod:`.sampling` and :mod:`.views`.
+"""
 
 from .masks import attach_mask, detach_mask, mask_of
 from .init import layer_counts, layer_densities, random_mask

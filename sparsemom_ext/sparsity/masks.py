@@ -10,6 +10,11 @@ import torch
 _MASK_ATTR = "_sparsemom_mask"
 
 
+class MaskingOptimizer:
+    """Marks an optimizer whose step keeps masked parameters zero at inactive positions
+    (the fused optimizers of :mod:`sparsemom_ext.optim`): the engine then does not mask again."""
+
+
 def attach_mask(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attach the bool ``mask`` to ``param`` (same shape and device) and return ``param``.
 

@@ -1,4 +1,5 @@
-"""SparseLinear / SparseConv2d against nn.Linear / nn.Conv2d; sparsify(); density_report()."""
+"""SparseLinear / SparseConv2d (the mask layout) against nn.Linear / nn.Conv2d, and the sparse /
+dense / auto backends of SparseLinear."""
 
 import copy
 import io
@@ -6,10 +7,10 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import sparsemom_ext as sm
-from sparsemom_ext.nn import DensityReport, SparseConv2d, SparseLinear, density_report, sparsify
-from sparsemom_ext.sparsity.init import layer_counts
+from sparsemom_ext.nn import SparseConv2d, SparseLinear
 
 from conftest import DEVICES
 
@@ -97,12 +98,9 @@ def test_bad_density(cls, args, density, error):
 
 
 @pytest.mark.parametrize("cls,args", [(SparseLinear, (4, 5)), (SparseConv2d, (2, 3, 3))])
-def test_bad_layout_and_generator(cls, args):
-    bad = ("dense", None, "CSR") + (("csr",) if cls is SparseConv2d else ())
-    for layout in bad:
-        with pytest.raises(ValueError, match="layout") as info:
-            cls(*args, density=0.5, layout=layout)
-        assert "'mask'" in str(info.value)
+def test_bad_generator_and_no_layout_argument(cls, args):
+    with pytest.raises(TypeError, match="layout"):  # the csr layout is CsrLinear, a class of its own
+        cls(*args, density=0.5, layout="csr")
     with pytest.raises(TypeError, match="generator"):
         cls(*args, density=0.5, generator=1234)
 
@@ -110,7 +108,7 @@ def test_bad_layout_and_generator(cls, args):
 def test_extra_repr_and_dense_weight():
     layer = SparseLinear(20, 30, density=0.25, generator=seeded())
     text = repr(layer)
-    assert "density=0.25" in text and "layout=mask" in text and "in_features=20" in text
+    assert "density=0.25" in text and "in_features=20" in text
     dense = layer.dense_weight()
     assert not dense.requires_grad
     assert dense.data_ptr() != layer.weight.data_ptr()
@@ -277,187 +275,93 @@ def test_training_with_fused_sgd_keeps_inactive_weights_zero(device):
         assert optimizer.state[layer.weight]["momentum_buffer"][~layer.mask].ne(0).any()
 
 
-# ---------------------------------------------------------------- sparsify
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
-        self.fc1 = nn.Linear(16 * 4 * 4, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.features(x).flatten(1)
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-LAYER_NAMES = ["features.0", "features.4", "fc1", "fc2", "fc3"]
+def check_against_dense(layer, x, weight):
+    """Forward and backward of ``layer`` equal F.linear with ``weight`` and its bias."""
+    weight = weight.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    y_ref = F.linear(x_ref, weight, bias)
+    close(y, y_ref)
+    grad_y = torch.randn(y.shape, generator=seeded(99), dtype=y.dtype)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    close(x.grad, x_ref.grad)
+    close(layer.bias.grad, bias.grad)
+    close(layer.weight.grad, weight.grad)
 
 
-def make_net(seed=0):
-    torch.manual_seed(seed)
-    return Net()
+# ---------------------------------------------------------------- mask layout backends
+def test_mask_layout_sparse_and_dense_backends_agree():
+    sparse = SparseLinear(64, 48, density=0.2, backend="sparse", generator=seeded(3))
+    dense = copy.deepcopy(sparse)
+    dense.backend = "dense"
+    x = torch.randn(2, 9, 64, generator=seeded(4))
+    assert sparse.uses_sparse_kernels(x) and not dense.uses_sparse_kernels(x)
+    grads = []
+    for layer in (sparse, dense):
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(torch.randn(y.shape, generator=seeded(5)))
+        grads.append((y, xr.grad, layer.weight.grad, layer.bias.grad))
+    for name, a, b in zip(("y", "x.grad", "weight.grad", "bias.grad"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    # The weight gradient is dense, inactive positions included (sparse momentum grows from it).
+    assert grads[0][2].shape == (48, 64) and grads[0][2][~sparse.mask].abs().sum() > 0
 
 
-@pytest.mark.parametrize("distribution", ["uniform", "er", "erk"])
-def test_sparsify_replaces_layers_with_exact_counts(distribution):
-    model = make_net()
-    dense = make_net()
-    bn = model.features[1]
-    bn_state = copy.deepcopy(bn.state_dict())
-    out = sparsify(model, density=0.1, distribution=distribution, generator=seeded())
-    assert out is model
-    modules = dict(model.named_modules())
-    assert [type(modules[n]) for n in LAYER_NAMES] == [SparseConv2d, SparseConv2d, SparseLinear, SparseLinear,
-                                                        SparseLinear]
-    assert model.features[1] is bn and type(bn) is nn.BatchNorm2d
-    assert all(torch.equal(v, bn_state[k]) for k, v in bn.state_dict().items())
-    dense_modules = dict(dense.named_modules())
-    shapes = [dense_modules[n].weight.shape for n in LAYER_NAMES]
-    expected = layer_counts(shapes, 0.1, distribution)
-    assert [modules[n].nnz for n in LAYER_NAMES] == expected
-    assert sum(expected) == round(0.1 * sum(s.numel() for s in shapes))
-    for name in LAYER_NAMES:
-        layer, ref = modules[name], dense_modules[name]
-        assert_masked(layer)
-        assert torch.equal(layer.weight.detach()[layer.mask], ref.weight.detach()[layer.mask])
-        assert torch.equal(layer.bias, ref.bias)
-        with torch.no_grad():
-            ref.weight.mul_(layer.mask)
-    x = torch.randn(2, 1, 28, 28)
-    assert torch.equal(model(x), dense(x))
+def test_sparse_backend_rebuilds_its_structure_when_the_mask_changes():
+    layer = SparseLinear(64, 48, density=0.2, backend="sparse", generator=seeded(3))
+    x = torch.randn(10, 64, generator=seeded(4))
+    check_against_dense(layer, x, layer.weight)  # builds and caches the structure
+    with torch.no_grad():
+        layer.mask[0, :] = False  # in place, as the engine does
+        layer.weight[0, :] = 0
+        grown = (~layer.mask[1]).nonzero()[:3, 0]
+        layer.mask[1, grown] = True
+        layer.weight[1, grown] = torch.tensor([1.5, -2.0, 3.0])
+    y = layer(x)
+    assert (y[:, 0] == layer.bias[0]).all()
+    check_against_dense(layer, x, layer.weight)
+    # A stale structure would miss the grown weights.
+    close(y, F.linear(x, layer.weight, layer.bias))
 
 
-def test_sparsify_same_seed_same_masks():
-    a = sparsify(make_net(), 0.2, "erk", generator=seeded(5))
-    b = sparsify(make_net(), 0.2, "erk", generator=seeded(5))
-    c = sparsify(make_net(), 0.2, "erk", generator=seeded(6))
-    masks = [[m.mask for m in net.modules() if isinstance(m, (SparseLinear, SparseConv2d))] for net in (a, b, c)]
-    assert all(torch.equal(x, y) for x, y in zip(masks[0], masks[1]))
-    assert not all(torch.equal(x, y) for x, y in zip(masks[0], masks[2]))
+def test_sparse_backend_follows_a_replaced_mask_buffer():
+    # Replacing the buffer (not in place) twice between forwards used to be able to hit
+    # the cache of the first mask: a new mask at its freed address, with an equal version.
+    layer = SparseLinear(64, 48, density=0.2, backend="sparse", generator=seeded(3))
+    x = torch.randn(4, 64, generator=seeded(4))
+    g = seeded(5)
+    for _ in range(10):
+        layer(x)
+        for _ in range(2):
+            mask = torch.rand(48, 64, generator=g) < 0.2
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(48, 64, generator=g) * mask)
+            layer.mask = mask
+        close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_sparsify_exclude_by_name_and_class():
-    model = make_net()
-    fc3 = model.fc3
-    sparsify(model, 0.1, exclude=("fc3", "features.0"))
-    assert model.fc3 is fc3 and type(model.fc3) is nn.Linear
-    assert type(model.features[0]) is nn.Conv2d and type(model.features[4]) is SparseConv2d
-    # Excluded layers do not count: the converted ones hold the exact density among themselves.
-    converted = [model.features[4], model.fc1, model.fc2]
-    assert sum(m.nnz for m in converted) == round(0.1 * sum(m.weight.numel() for m in converted))
-
-    model = sparsify(make_net(), 0.1, exclude=nn.Conv2d)  # a bare class, not in a tuple
-    assert type(model.features[0]) is nn.Conv2d and type(model.features[4]) is nn.Conv2d
-    assert type(model.fc1) is SparseLinear
-
-    model = sparsify(make_net(), 0.1, exclude="features")  # a container keeps its children dense
-    assert type(model.features[0]) is nn.Conv2d and type(model.features[4]) is nn.Conv2d
-    assert type(model.fc3) is SparseLinear
-
-    model = sparsify(make_net(), 0.1, exclude=[nn.Sequential, "fc2"])  # a class of an ancestor
-    assert [type(m) for m in (model.features[0], model.fc1, model.fc2, model.fc3)] == [
-        nn.Conv2d, SparseLinear, nn.Linear, SparseLinear]
-
-    with pytest.raises(ValueError, match="fc4"):
-        sparsify(make_net(), 0.1, exclude=("fc4",))
-    with pytest.raises(TypeError, match="exclude"):
-        sparsify(make_net(), 0.1, exclude=(3,))
+def test_auto_backend_picks_sparse_for_large_sparse_float32_cpu_layers():
+    x = torch.randn(3, 512)
+    sparse = SparseLinear(512, 512, density=0.1, generator=seeded())
+    assert sparse.backend == "auto" and sparse.uses_sparse_kernels(x)
+    check_against_dense(sparse, x, sparse.weight)
+    assert not SparseLinear(512, 512, density=0.5, generator=seeded()).uses_sparse_kernels(x)
+    float64 = SparseLinear(512, 512, density=0.1, dtype=torch.float64, generator=seeded())
+    assert not float64.uses_sparse_kernels(x.double())
+    assert not SparseLinear(64, 64, density=0.1, generator=seeded()).uses_sparse_kernels(torch.randn(3, 64))
 
 
-def test_sparsify_errors():
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
-        sparsify(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 0.1)
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
-        sparsify(make_net(), 0.1, exclude=(nn.Linear, nn.Conv2d))
-    model = sparsify(make_net(), 0.1)
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
-        sparsify(model, 0.1)  # everything is sparse already
-    for density in (0, 1.2, float("nan")):
-        with pytest.raises(ValueError, match="density"):
-            sparsify(make_net(), density)
-    for density in (True, "0.1", None):
-        with pytest.raises(TypeError, match="density"):
-            sparsify(make_net(), density)
-    with pytest.raises(ValueError, match="distribution"):
-        sparsify(make_net(), 0.1, distribution="random")
-    with pytest.raises(ValueError, match="layout"):
-        sparsify(make_net(), 0.1, layout="dense")
-    with pytest.raises(ValueError, match="nn.Linear only; features.0, features.4 are nn.Conv2d"):
-        sparsify(make_net(), 0.1, layout="csr")
-    with pytest.raises(TypeError, match="model"):
-        sparsify([nn.Linear(2, 2)], 0.1)
-    with pytest.raises(ValueError, match="forward pass"):
-        sparsify(nn.Sequential(nn.LazyLinear(4)), 0.1)
-    model = make_net()
-    with pytest.raises(ValueError, match="density"):
-        sparsify(model, 2.0)
-    assert type(model.fc1) is nn.Linear, "a rejected call must leave the model as it was"
+def test_invalid_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        SparseLinear(4, 5, density=0.5, backend="fast")
 
-
-def test_sparsify_refuses_tied_weights_and_custom_forward():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(10, 8)
-            self.head = nn.Linear(8, 10, bias=False)
-            self.head.weight = self.embed.weight
-
-    with pytest.raises(ValueError, match="head.weight"):
-        sparsify(Tied(), 0.5)
-
-    class Scaled(nn.Linear):
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    model = nn.Sequential(Scaled(4, 4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="exclude"):
-        sparsify(model, 0.5)
-    sparsify(model, 0.5, exclude=Scaled)
-    assert type(model[0]) is Scaled and type(model[1]) is SparseLinear
-
-
-def test_sparsify_shared_module_and_root_layer():
-    shared = nn.Linear(6, 6)
-    model = nn.Sequential(shared, nn.ReLU(), shared)
-    sparsify(model, 0.5)
-    assert type(model[0]) is SparseLinear and model[0] is model[2]
-    assert model[0].nnz == 18
-
-    root = sparsify(nn.Linear(10, 10), 0.3)
-    assert type(root) is SparseLinear and root.nnz == 30
-
-
-# ---------------------------------------------------------------- density_report
-
-def test_density_report_numbers_and_table():
-    model = sparsify(make_net(), 0.1, "er", exclude=("fc3",), generator=seeded())
-    report = density_report(model)
-    assert isinstance(report, DensityReport)
-    names = ["features.0", "features.4", "fc1", "fc2"]
-    assert [r.name for r in report.rows] == names
-    modules = dict(model.named_modules())
-    for row in report.rows:
-        layer = modules[row.name]
-        assert row.kind == type(layer).__name__
-        assert row.shape == tuple(layer.weight.shape)
-        assert row.nnz == int(layer.mask.sum()) and row.numel == layer.weight.numel()
-        assert row.density == pytest.approx(row.nnz / row.numel)
-    numel = sum(modules[n].weight.numel() for n in names)
-    assert report.total.nnz == round(0.1 * numel) and report.total.numel == numel
-    assert report.total_density == pytest.approx(round(0.1 * numel) / numel)
-    text = str(report)
-    for name in names + ["total", "SparseConv2d", "SparseLinear", "6x1x5x5"]:
-        assert name in text
-    assert "fc3" not in text
-    lines = text.splitlines()
-    assert len({len(line) for line in lines if not line.startswith("-")}) <= 2  # aligned columns
-    assert report.to_dict()["total"]["nnz"] == report.total.nnz
-
-
-def test_density_report_without_sparse_layers():
-    report = density_report(make_net())
-    assert report.rows == () and report.total.numel == 0 and report.total_density == 0.0
-    assert "no sparse layers" in str(report)

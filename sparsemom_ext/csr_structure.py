@@ -1,0 +1,151 @@
+"""The CSR structure rules, in one place: conversions, flat indices, validation, re-layout.
+
+A structure is ``row_ptr`` (int32, ``n_rows + 1`` entries, from 0, non-decreasing, ending
+at nnz) and ``col_idx`` (int32, nnz entries in ``[0, n_cols)``). The layers keep it
+*canonical*: columns strictly increasing within each row, so the nonzeros in CSR order
+are the True entries of the mask in row-major order, and each nonzero has one flat
+index ``row * n_cols + col`` (sorted ascending in CSR order). Everything here is plain
+torch (any device); it runs when a structure is built or changes, never per step.
+
+A topology update keeps some nonzeros of a layer and adds new positions; every
+per-nonzero tensor (the weights, the optimizer's momentum buffers, Adam's moments) is
+re-laid out by the same :class:`Relayout`: a kept entry moves with its position, a grown
+entry starts from a given fill (zero, or the momentum accumulated for it). The cost is
+O(nnz log nnz); nothing of size ``n_rows x n_cols`` is formed.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Relayout", "check_canonical_structure", "csr_from_mask", "csr_to_dense", "csr_to_mask",
+           "csr_values_from_dense", "flat_indices", "relayout_plan", "structure_from_flat"]
+
+
+def csr_from_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(row_ptr, col_idx)`` (int32) of the True entries of a 2-D bool ``mask``, columns sorted."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+    counts = mask.sum(dim=1, dtype=torch.int32)
+    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
+    col_idx = mask.nonzero()[:, 1].to(torch.int32)
+    return row_ptr, col_idx
+
+
+def _row_of_each_nonzero(row_ptr: Tensor) -> Tensor:
+    counts = row_ptr.diff().long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+
+
+def csr_to_mask(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """The ``(n_rows, n_cols)`` bool mask of a CSR structure."""
+    mask = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=torch.bool, device=row_ptr.device)
+    mask[_row_of_each_nonzero(row_ptr), col_idx.long()] = True
+    return mask
+
+
+def csr_values_from_dense(weight: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    """The entries of a dense 2-D ``weight`` at the structure's positions, in CSR order."""
+    return weight[_row_of_each_nonzero(row_ptr), col_idx.long()]
+
+
+def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """The dense ``(n_rows, n_cols)`` matrix, zero off the structure (repeated positions add up)."""
+    dense = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=values.dtype, device=values.device)
+    dense.index_put_((_row_of_each_nonzero(row_ptr), col_idx.long()), values, accumulate=True)
+    return dense
+
+
+def flat_indices(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """The sorted int64 flat indices ``row * n_cols + col`` of a canonical CSR structure."""
+    return _row_of_each_nonzero(row_ptr) * n_cols + col_idx.long()
+
+
+def structure_from_flat(flat: Tensor, n_rows: int, n_cols: int) -> Tuple[Tensor, Tensor]:
+    """``(row_ptr, col_idx)`` (int32) of the sorted, distinct flat indices ``flat``."""
+    if flat.numel() == 0:  # also covers n_cols == 0, where // and % would divide by zero
+        return torch.zeros(n_rows + 1, dtype=torch.int32, device=flat.device), flat.to(torch.int32)
+    counts = torch.bincount(flat // n_cols, minlength=n_rows)
+    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int32, device=flat.device)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
+    return row_ptr, (flat % n_cols).to(torch.int32)
+
+
+def check_canonical_structure(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int) -> None:
+    """Raise ValueError naming the argument unless ``(row_ptr, col_idx)`` is a canonical
+    structure of an ``n_rows x n_cols`` matrix (the rules of the module docstring)."""
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {got}")
+    if row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"row_ptr must have n_rows + 1 = {n_rows + 1} entries, got {row_ptr.numel()}")
+    nnz = col_idx.numel()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+        raise ValueError(f"row_ptr must start at 0 and end at nnz = {nnz}, got {int(row_ptr[0])} ... "
+                         f"{int(row_ptr[-1])}")
+    if n_rows > 0 and bool((row_ptr.diff() < 0).any()):
+        raise ValueError("row_ptr must be non-decreasing")
+    if nnz == 0:
+        return
+    if int(col_idx.min()) < 0 or int(col_idx.max()) >= n_cols:
+        raise ValueError(f"col_idx must be in [0, n_cols = {n_cols}), got values in "
+                         f"[{int(col_idx.min())}, {int(col_idx.max())}]")
+    flat = flat_indices(row_ptr, col_idx, n_cols)
+    if nnz > 1 and not bool((flat.diff() > 0).all()):
+        raise ValueError("col_idx must be strictly increasing within each row (sorted, no repeated column)")
+
+
+@dataclass
+class Relayout:
+    """How the nonzeros of a layer move in one topology update.
+
+    ``kept``: indices (into the old nonzeros) of the kept ones, ascending;
+    ``order``: for each new nonzero, its index in ``cat([old[kept], grown])``;
+    ``flat``: the new nonzeros' sorted flat indices; ``n_grown``: how many are new.
+    """
+
+    kept: Tensor
+    order: Tensor
+    flat: Tensor
+    n_grown: int
+
+    @property
+    def nnz(self) -> int:
+        """The number of nonzeros after the update."""
+        return self.flat.numel()
+
+    def apply(self, old: Tensor, grown: Optional[Tensor] = None) -> Tensor:
+        """The per-nonzero tensor ``old`` (one entry per old nonzero) in the new layout;
+        grown entries are ``grown`` (one per grown position, in ascending flat order) or zero."""
+        if grown is None:
+            grown = old.new_zeros(self.n_grown)
+        elif grown.shape != (self.n_grown,):
+            raise ValueError(f"grown must have one entry per grown position ({self.n_grown}), "
+                             f"got shape {tuple(grown.shape)}")
+        return torch.cat([old[self.kept], grown.to(old.dtype)])[self.order]
+
+
+def relayout_plan(old_flat: Tensor, keep: Tensor, grown_flat: Tensor) -> Relayout:
+    """The :class:`Relayout` that keeps the old nonzeros where the bool ``keep`` is True and
+    adds ``grown_flat`` (sorted flat indices, none of them kept)."""
+    kept = keep.nonzero().reshape(-1)
+    kept_flat = old_flat[kept]
+    grown_flat = grown_flat.to(old_flat.device)
+    n_kept, n_grown = kept_flat.numel(), grown_flat.numel()
+    # Merge two sorted lists without sorting: a grown position lands after the kept ones
+    # smaller than it and after the grown ones before it.
+    device = old_flat.device
+    grown_at = torch.searchsorted(kept_flat, grown_flat) + torch.arange(n_grown, device=device)
+    is_grown = torch.zeros(n_kept + n_grown, dtype=torch.bool, device=device)
+    is_grown[grown_at] = True
+    order = torch.empty(n_kept + n_grown, dtype=torch.int64, device=device)
+    order[grown_at] = torch.arange(n_kept, n_kept + n_grown, device=device)
+    order[~is_grown] = torch.arange(n_kept, device=device)
+    flat = torch.empty(n_kept + n_grown, dtype=torch.int64, device=device)
+    flat[grown_at] = grown_flat
+    flat[~is_grown] = kept_flat
+    return Relayout(kept, order, flat, n_grown)

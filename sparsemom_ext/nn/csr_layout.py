@@ -1,0 +1,301 @@
+"""CsrLinear: the always-sparse layout of a linear layer.
+
+Only the active weights and their structure are stored: nothing of size
+``in_features x out_features`` exists in a training step. Forward and backward cost
+O(nnz x batch) (:func:`sparsemom_ext.ops.csr_linear`).
+
+Storage is sized for topology changes. ``values`` (the Parameter) has a fixed number of
+slots, ``capacity``; the first ``nnz`` hold the active weights in CSR (row-major) order
+and the rest are exact zeros that no forward reads and whose gradient is zero. A topology
+update rewrites the tensors in place and never changes a shape, so the previous step's
+graph may still be alive (``loss`` kept past the step), the optimizer keeps its
+parameter, DDP's reducer keeps its buckets and torch.compile sees the same shapes. The
+structure buffers are the same: ``row_ptr`` (``out_features + 1``), ``col_idx``
+(``capacity``, the first ``nnz`` used) and the cached transpose ``col_ptr`` / ``row_idx``
+/ ``perm`` (rebuilt, never saved). The price is ``capacity - nnz`` idle slots in the
+values, their gradient and the optimizer state: by default ``capacity`` is twice the
+initial nnz (at most ``in x out``), which is what redistribution may grow a layer to.
+"""
+
+import math
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..csr_structure import (Relayout, check_canonical_structure, csr_from_mask, csr_to_dense, csr_to_mask,
+                             csr_values_from_dense, flat_indices, structure_from_flat)
+from ..sparsity.init import check_density, check_generator, exact_count, random_mask
+
+__all__ = ["CsrLinear", "default_capacity"]
+
+#: Value slots per initial nonzero when ``capacity`` is not given: room for
+#: redistribution to double a layer's nonzeros (LeNet-300-100 at 5% under momentum
+#: redistribution stays within 1.5x of its initial counts).
+CAPACITY_FACTOR = 2.0
+
+
+def default_capacity(nnz: int, numel: int) -> int:
+    """The default number of value slots of a layer with ``nnz`` of ``numel`` weights active."""
+    return min(numel, max(nnz, math.ceil(CAPACITY_FACTOR * nnz)))
+
+
+def _check_capacity(capacity, nnz: int, numel: int) -> int:
+    if capacity is None:
+        return default_capacity(nnz, numel)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not nnz <= capacity <= numel:
+        raise ValueError(f"capacity must be None or an int in [nnz = {nnz}, in_features * out_features = "
+                         f"{numel}], got {capacity!r}")
+    return capacity
+
+
+class CsrLinear(nn.Module):
+    """A linear layer that stores its active weights only (the csr layout).
+
+    ``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``, with ``W`` the
+    ``(out_features, in_features)`` matrix that is ``values`` on the structure
+    (``row_ptr``, ``col_idx``) and zero elsewhere. Construction draws exactly what
+    ``SparseLinear(in_features, out_features, bias, density=density, generator=generator)``
+    draws (nn.Linear's initialisation, then the mask), so the same seed gives the same
+    function in both layouts; ``density=1.0`` is every position.
+    :func:`sparsemom_ext.nn.to_layout` converts between the layouts.
+
+    Public structure API (what the engine uses): ``nnz``, ``capacity``, ``density``,
+    :meth:`structure`, :meth:`active_values`, :meth:`active_flat`, :meth:`set_topology`;
+    ``mask`` and :meth:`dense_weight` are built on request. There is no ``weight``: the
+    layer is not an ``nn.Linear`` (code that reads ``.weight`` of every ``nn.Linear``
+    would misread it), so modules that read ``.weight`` themselves (``nn.MultiheadAttention``'s
+    ``out_proj``) keep their layers dense; ``sparsify`` leaves them alone.
+
+    ``capacity``: the number of value slots (None: :func:`default_capacity`); it bounds
+    the nonzeros a topology update may give the layer.
+    """
+
+    layout = "csr"
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 *, density: float = 1.0, capacity: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None):
+        density = check_density(density)
+        check_generator(generator)
+        numel = in_features * out_features if in_features >= 0 and out_features >= 0 else 0
+        count = exact_count(density, numel)
+        capacity = _check_capacity(capacity, count, numel)
+        # SparseLinear's draws, in its order: nn.Linear's initialisation, then the mask.
+        dense = nn.Linear(in_features, out_features, bias, device, dtype)
+        mask = random_mask(dense.weight.shape, count, generator, device=dense.weight.device)
+        super().__init__()
+        self._install(dense.weight, mask, dense.bias, capacity)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, module: nn.Linear, density: float = 1.0, *, capacity: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None) -> "CsrLinear":
+        """A csr layer with a copy of ``module``'s parameters at ``round(density * numel)``
+        positions drawn from ``generator`` (as ``SparseLinear.from_dense`` draws them);
+        device, dtype, ``requires_grad`` and train/eval mode are ``module``'s, and
+        ``module`` is not modified."""
+        density = check_density(density)
+        check_generator(generator)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")
+        weight = module.weight
+        count = exact_count(density, weight.numel())
+        capacity = _check_capacity(capacity, count, weight.numel())
+        mask = random_mask(weight.shape, count, generator, device=weight.device)
+        return cls._from_parts(weight, mask, module.bias, capacity, module.training)
+
+    @classmethod
+    def from_mask_layer(cls, layer: nn.Module, capacity: Optional[int] = None) -> "CsrLinear":
+        """The csr layer computing what a mask-layout linear ``layer`` computes (a
+        SparseLinear, or any module with a 2-D ``weight``, its bool ``mask`` and ``bias``)."""
+        weight, mask = layer.weight, layer.mask
+        count = int(mask.count_nonzero())
+        return cls._from_parts(weight, mask, layer.bias, _check_capacity(capacity, count, weight.numel()),
+                               layer.training)
+
+    @classmethod
+    def _from_parts(cls, weight, mask, bias, capacity: int, training: bool) -> "CsrLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._install(weight, mask, bias, capacity)
+        new.train(training)
+        return new
+
+    def _install(self, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor], capacity: int) -> None:
+        """Take copies of the active entries of ``weight`` (``mask``) and of ``bias``."""
+        self.out_features, self.in_features = weight.shape
+        row_ptr, col_idx = csr_from_mask(mask)
+        nnz = col_idx.numel()
+        values = weight.detach().new_zeros(capacity)
+        values[:nnz] = csr_values_from_dense(weight.detach(), row_ptr, col_idx)
+        self.values = nn.Parameter(values, requires_grad=weight.requires_grad)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+        int_opts = {"dtype": torch.int32, "device": col_idx.device}
+        self.register_buffer("row_ptr", row_ptr, persistent=True)
+        self.register_buffer("col_idx", torch.zeros(capacity, **int_opts), persistent=True)
+        self.register_buffer("col_ptr", torch.zeros(self.in_features + 1, **int_opts), persistent=False)
+        self.register_buffer("row_idx", torch.zeros(capacity, **int_opts), persistent=False)
+        self.register_buffer("perm", torch.zeros(capacity, **int_opts), persistent=False)
+        self._install_structure(row_ptr, col_idx)
+
+    # ------------------------------------------------------------------ structure API
+    @property
+    def nnz(self) -> int:
+        """The number of active weights."""
+        return self._nnz
+
+    @property
+    def capacity(self) -> int:
+        """The number of value slots: the most nonzeros the layer can hold."""
+        return self.values.numel()
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """The shape of the (dense) weight: ``(out_features, in_features)``."""
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def density(self) -> float:
+        """``nnz / (in_features * out_features)`` (0.0 for a layer with no entries)."""
+        numel = self.in_features * self.out_features
+        return self.nnz / numel if numel else 0.0
+
+    def structure(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(row_ptr, col_idx)`` of the active weights (views of the layer's buffers)."""
+        return self.row_ptr, self.col_idx[: self.nnz]
+
+    def active_values(self) -> torch.Tensor:
+        """The active weights in CSR order (a detached view of ``values``)."""
+        return self.values.detach()[: self.nnz]
+
+    def active_flat(self) -> torch.Tensor:
+        """The sorted int64 flat indices ``row * in_features + col`` of the active weights."""
+        return flat_indices(*self.structure(), self.in_features)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """A new dense bool mask of the active positions (O(in x out): not for a training step)."""
+        return csr_to_mask(*self.structure(), self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """A new dense ``(out_features, in_features)`` tensor: the weight, zero off the structure."""
+        return csr_to_dense(self.active_values(), *self.structure(), self.in_features)
+
+    @torch.no_grad()
+    def set_topology(self, plan: Relayout, companions: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]] = ()
+                     ) -> None:
+        """Move to the nonzeros ``plan.flat``, in place (no tensor changes shape or identity).
+
+        ``values`` and its gradient (when present) are re-laid out by ``plan``: kept
+        weights keep their value, grown ones start at 0. Each ``(tensor, fill)`` of
+        ``companions`` is a tensor with one entry per value slot (an optimizer state such
+        as ``momentum_buffer``) re-laid out the same way, its grown entries ``fill`` (one per
+        grown position) or 0. Slots past the new nnz are zeroed. Everything is checked
+        before anything is written.
+        """
+        companions = list(companions)
+        if plan.nnz > self.capacity:
+            raise ValueError(f"the new topology has {plan.nnz} nonzeros, more than the layer's capacity "
+                             f"{self.capacity}")
+        if plan.kept.numel() and int(plan.kept[-1]) >= self.nnz:
+            raise ValueError(f"plan keeps nonzero {int(plan.kept[-1])} of a layer with {self.nnz}")
+        for tensor, fill in companions:
+            if tensor.shape != self.values.shape or tensor.device != self.values.device:
+                raise ValueError(f"every companion tensor must have one entry per value slot "
+                                 f"({self.capacity},) on {self.values.device}, got {tuple(tensor.shape)} on "
+                                 f"{tensor.device}")
+            if fill is not None and fill.shape != (plan.n_grown,):
+                raise ValueError(f"a companion's fill must have one entry per grown position ({plan.n_grown}), "
+                                 f"got shape {tuple(fill.shape)}")
+        old_nnz, nnz = self.nnz, plan.nnz
+        grad = self.values.grad
+        targets = [(self.values.data, None)] + ([(grad, None)] if grad is not None else []) + companions
+        for tensor, fill in targets:
+            moved = plan.apply(tensor[:old_nnz], None if fill is None else fill.to(tensor.device))
+            tensor[:nnz] = moved
+            tensor[nnz:] = 0
+        row_ptr, col_idx = structure_from_flat(plan.flat.to(self.row_ptr.device), self.out_features,
+                                               self.in_features)
+        self._install_structure(row_ptr, col_idx)
+
+    def _install_structure(self, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
+        """Copy a canonical structure of at most ``capacity`` nonzeros into the buffers and
+        rebuild the cached transpose."""
+        nnz = col_idx.numel()
+        col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, self.in_features)
+        self.row_ptr.copy_(row_ptr)
+        for buffer, head in ((self.col_idx, col_idx), (self.row_idx, row_idx), (self.perm, perm)):
+            buffer[:nnz] = head
+            buffer[nnz:] = 0
+        self.col_ptr.copy_(col_ptr)
+        self._nnz = nnz
+
+    # ------------------------------------------------------------------ nn.Module
+    def reset_parameters(self) -> None:
+        """nn.Linear's distribution on the active weights (and the bias): U(-1/sqrt(in), 1/sqrt(in))."""
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        with torch.no_grad():
+            self.values[: self.nnz].uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input must have last dimension in_features={self.in_features}, "
+                             f"got shape {tuple(input.shape)}")
+        if input.dtype != self.values.dtype:
+            raise TypeError(f"input must have the layer's dtype {self.values.dtype}, got {input.dtype}")
+        n = self.nnz
+        return ops.csr_linear(input, self.values[:n], self.bias, self.row_ptr, self.col_idx[:n], self.col_ptr,
+                              self.row_idx[:n], self.perm[:n])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = [prefix + k for k in ("values", "row_ptr", "col_idx")]
+        if all(k in state_dict for k in keys):
+            values, row_ptr, col_idx = (state_dict[k] for k in keys)
+            try:
+                nnz = self._check_saved_structure(values, row_ptr, col_idx)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                error_msgs.append(f"invalid CSR structure for {prefix or 'the layer'}: {exc}")
+                return
+            if values.numel() != self.capacity:
+                # Another capacity: the tensors take the checkpoint's (same objects). Load
+                # before building the optimizer, whose state is sized by the old capacity.
+                self.values.data = self.values.data.new_zeros(values.numel())
+                for name in ("col_idx", "row_idx", "perm"):
+                    setattr(self, name, getattr(self, name).new_zeros(values.numel()))
+        else:
+            nnz = None  # missing keys are reported by the default loader
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if nnz is not None:
+            with torch.no_grad():
+                self.values[nnz:] = 0
+            self._install_structure(self.row_ptr.clone(), self.col_idx[:nnz].clone())
+
+    def _check_saved_structure(self, values, row_ptr, col_idx) -> int:
+        """The nnz of a saved (values, row_ptr, col_idx), or a ValueError saying what is wrong."""
+        if values.dim() != 1 or values.shape != col_idx.shape:
+            raise ValueError(f"values and col_idx must be 1-D with one entry per value slot, got shapes "
+                             f"{tuple(values.shape)} and {tuple(col_idx.shape)}")
+        if row_ptr.dim() != 1 or row_ptr.numel() != self.out_features + 1:
+            raise ValueError(f"row_ptr must have out_features + 1 = {self.out_features + 1} entries, got "
+                             f"{row_ptr.numel()}")
+        nnz = int(row_ptr[-1])
+        if not 0 <= nnz <= col_idx.numel():
+            raise ValueError(f"row_ptr must end at nnz <= capacity = {col_idx.numel()}, got {nnz}")
+        check_canonical_structure(row_ptr, col_idx[:nnz], self.out_features, self.in_features)
+        return nnz
+
+    def extra_repr(self) -> str:
+        density = "?" if self.values.is_meta else f"{self.density:.4g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={density}, capacity={self.capacity}")
+

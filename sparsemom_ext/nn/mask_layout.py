@@ -1,0 +1,318 @@
+"""SparseLinear and SparseConv2d: nn.Linear / nn.Conv2d with a fixed set of active weights (mask layout).
+
+The mask layout keeps ``weight`` as the dense Parameter of the torch layer and adds a
+persistent bool buffer ``mask``: the state_dict is nn.Linear's / nn.Conv2d's plus
+``mask``. The weight is kept exactly zero at inactive positions by whoever changes it:
+the layer itself (construction, ``load_state_dict``), the fused optimizers of
+:mod:`sparsemom_ext.optim` (they find the mask attached to the weight with
+:func:`sparsemom_ext.mask_of`) and the sparse-training engine. With a plain
+``torch.optim`` optimizer call ``sparsemom_ext.mask_apply_(layer.weight.data,
+layer.mask)`` after each step, or inactive weights drift away from zero.
+
+The forward pass of SparseConv2d is ``nn.Conv2d``'s own (no masking at run time, so at
+``density=1.0`` the layers are exactly their torch parents); that of SparseLinear is
+chosen by ``backend``: ``"dense"`` is ``F.linear``, ``"sparse"`` runs the forward product
+and the input's gradient with the sparse kernels and computes the dense weight gradient
+(which exact sparse momentum grows from) with one dense matmul
+(:func:`sparsemom_ext.ops.masked_linear`), and ``"auto"`` (the default) picks
+``"sparse"`` where it is faster: see :meth:`SparseLinear.uses_sparse_kernels`.
+
+The always-sparse layout of a linear layer is its own class,
+:class:`sparsemom_ext.nn.CsrLinear`; :func:`sparsemom_ext.nn.to_layout` converts.
+"""
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import ops
+from ..csr_structure import csr_from_mask
+from ..ops import mask_apply_
+from ..sparsity.masks import attach_mask
+from ..sparsity.init import check_density, exact_count, random_mask, check_generator
+
+__all__ = ["BACKENDS", "LAYOUTS", "SparseConv2d", "SparseLinear", "check_layout"]
+
+LAYOUTS = ("mask", "csr")
+BACKENDS = ("auto", "dense", "sparse")
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_layout(layout) -> str:
+    """``layout`` if it is implemented, else a ValueError listing the valid layouts."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(repr(l) for l in LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    return backend
+
+
+@torch.no_grad()
+def _zero_inactive(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    # The extension op covers the float dtypes on CPU/CUDA/meta; anything else
+    # (complex, another backend) still gets the same result from masked_fill_.
+    if weight.dtype in _KERNEL_DTYPES and weight.device.type in ("cpu", "cuda", "meta"):
+        mask_apply_(weight, mask)
+    else:
+        weight.masked_fill_(~mask, 0)
+
+
+class _MaskLayoutMixin:
+    """What SparseLinear and SparseConv2d share: the mask buffer and its attachment."""
+
+    weight: nn.Parameter
+    mask: torch.Tensor
+
+    layout = "mask"
+
+    def _init_mask(self, count: int, generator: Optional[torch.Generator]) -> None:
+        mask = random_mask(self.weight.shape, count, generator, device=self.weight.device)
+        self.register_buffer("mask", mask, persistent=True)
+        if count < mask.numel():
+            _zero_inactive(self.weight, self.mask)
+        attach_mask(self.weight, self.mask)
+
+    def _reattach_mask(self) -> None:
+        # Module.type() casts buffers too; the mask must stay bool for the kernels.
+        if self.mask.dtype != torch.bool:
+            self.mask = self.mask.bool()
+        attach_mask(self.weight, self.mask)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.double() may replace the mask buffer (new device) or the
+        # weight Parameter (swap/overwrite modes): the attachment follows both.
+        result = super()._apply(fn, recurse)
+        self._reattach_mask()
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # Copies are in place (the attachment survives), but assign=True replaces the
+        # tensors, and a checkpoint's weight may be nonzero where its mask is off.
+        self._reattach_mask()
+        _zero_inactive(self.weight, self.mask)
+
+    def __setstate__(self, state):
+        # Parameter.__deepcopy__ and pickling drop the attribute the mask hangs on.
+        super().__setstate__(state)
+        if "mask" in self._buffers and "weight" in self._parameters:
+            self._reattach_mask()
+
+    @property
+    def nnz(self) -> int:
+        """The number of active weights (True entries of ``mask``)."""
+        return int(self.mask.count_nonzero())
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """The shape of the (dense) weight."""
+        return self.weight.shape
+
+    @property
+    def density(self) -> float:
+        """The current fraction of active weights, ``nnz / numel`` (0.0 for a weight with no entries)."""
+        numel = math.prod(self.weight_shape)
+        return self.nnz / numel if numel else 0.0
+
+    def dense_weight(self) -> torch.Tensor:
+        """A new tensor: the weight with exact zeros at inactive positions, detached."""
+        return self.weight.detach().masked_fill(~self.mask, 0)
+
+    def extra_repr(self) -> str:
+        density = "?" if self.mask.is_meta else f"{self.density:.4g}"
+        return f"{super().extra_repr()}, density={density}"
+
+    @classmethod
+    def _wrap(cls, module, count: int, generator: Optional[torch.Generator]):
+        """A layer of ``cls`` holding a copy of ``module``'s parameters, ``count`` of them active."""
+        weight = module.weight
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"cannot sparsify a lazy {type(module).__name__} before its first forward pass "
+                "(its weight shape is not known yet)"
+            )
+        # Built on the meta device: no allocation and no draw from torch's RNG for a
+        # default initialisation that is overwritten right away.
+        new = cls._from_dense_skeleton(module)
+        new.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        new.train(module.training)
+        new._init_mask(count, generator)
+        return new
+
+    @classmethod
+    def from_dense(cls, module, density: float = 1.0, *, generator: Optional[torch.Generator] = None):
+        """Wrap a dense torch layer: a new sparse layer with a copy of its parameters.
+
+        The weight keeps ``module``'s values at the ``round(density * numel)`` active
+        positions (drawn as in the constructor) and is zero elsewhere; the bias is
+        copied; device, dtype, ``requires_grad`` and train/eval mode are ``module``'s.
+        ``module`` itself is not modified. Build the optimizer after converting.
+        """
+        density = check_density(density)
+        check_generator(generator)
+        if not isinstance(module, cls._dense_cls):
+            raise TypeError(
+                f"module must be an {cls._dense_cls.__module__}.{cls._dense_cls.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        return cls._wrap(module, exact_count(density, math.prod(module.weight.shape)), generator)
+
+
+class SparseLinear(_MaskLayoutMixin, nn.Linear):
+    """``nn.Linear`` whose weight has a fixed number of active (nonzero) entries.
+
+    ``nn.Linear.__init__`` runs first (same parameters, same initialisation, same RNG
+    use), then ``round(density * in_features * out_features)`` positions are drawn with
+    :func:`sparsemom_ext.sparsity.init.random_mask` from ``generator`` (a CPU
+    generator; None: torch's default one) and the others are zeroed. ``density=1.0``
+    is exactly ``nn.Linear`` (nothing is drawn). A density so small that it rounds to 0
+    weights is allowed: the layer then outputs its bias only.
+
+    ``weight`` is the dense Parameter and the persistent bool buffer ``mask`` is
+    attached to it, so the fused optimizers and the engine find it. ``backend`` picks
+    the kernels of its forward/backward (module docstring).
+    :func:`sparsemom_ext.nn.to_layout` converts to the always-sparse
+    :class:`~sparsemom_ext.nn.CsrLinear`, keeping the function.
+    """
+
+    _dense_cls = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 *, density: float = 1.0, backend: str = "auto", generator: Optional[torch.Generator] = None):
+        # Validated before nn.Linear.__init__, so a bad call draws nothing from the RNG.
+        density = check_density(density)
+        backend = check_backend(backend)
+        check_generator(generator)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.backend = backend
+        self._init_mask(exact_count(density, self.weight.numel()), generator)
+
+    @classmethod
+    def _from_dense_skeleton(cls, module: nn.Linear) -> "SparseLinear":
+        return cls(module.in_features, module.out_features, module.bias is not None, device="meta",
+                   dtype=module.weight.dtype)
+
+    @classmethod
+    def from_weight_and_mask(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                             *, requires_grad: bool = True, training: bool = True,
+                             backend: str = "auto") -> "SparseLinear":
+        """A layer with copies of ``weight`` (zeroed off ``mask``), ``mask`` and ``bias``."""
+        backend = check_backend(backend)
+        if weight.dim() != 2 or mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"weight must be 2-D and mask a bool tensor of its shape, got weight "
+                             f"{tuple(weight.shape)} and mask {mask.dtype} {tuple(mask.shape)}")
+        new = cls(weight.shape[1], weight.shape[0], bias is not None, device="meta", dtype=weight.dtype,
+                  backend=backend)
+        new.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        new.mask = mask.detach().clone()
+        _zero_inactive(new.weight, new.mask)
+        attach_mask(new.weight, new.mask)
+        new.train(training)
+        return new
+
+    # ----------------------------------------------------------------- forward
+    def uses_sparse_kernels(self, x: torch.Tensor) -> bool:
+        """Whether the forward of ``x`` runs the sparse kernels.
+
+        ``backend="sparse"`` yes, ``"dense"`` no, ``"auto"`` when the sparse forward +
+        input gradient are faster than dense, as measured by ``bench/bench_spmm.py`` on
+        CPU: float32 input on CPU, density at most ``AUTO_MAX_DENSITY`` and a weight of
+        at least ``AUTO_MIN_NUMEL`` entries (smaller layers are too quick for the
+        difference to matter). Elsewhere (CUDA, other dtypes) auto stays dense: those
+        kernels are not tuned to beat cuBLAS/MKL yet.
+        """
+        if self.backend != "auto":
+            return self.backend == "sparse"
+        numel = self.in_features * self.out_features
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.mask.device.type == "cpu"
+                and numel >= self.AUTO_MIN_NUMEL
+                and self._mask_structure_nnz() <= self.AUTO_MAX_DENSITY * numel)
+
+    AUTO_MAX_DENSITY = 0.1
+    AUTO_MIN_NUMEL = 1 << 16
+
+    def _cached_for_mask(self, name: str, build):
+        """``build(mask)``, computed once per mask tensor and version (the engine updates the
+        mask in place, which bumps its version counter) and kept in ``__dict__[name]``.
+
+        The entry also holds an alias of the mask it was built from: while it lives, no
+        other mask can be allocated at its address, which with a reused address and an
+        equal version counter would hit a stale entry.
+        """
+        mask = self.mask
+        key = (mask.data_ptr(), mask._version, mask.device)
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build(mask), mask.detach())
+            self.__dict__[name] = cached
+        return cached[1]
+
+    def _mask_structure_nnz(self) -> int:
+        # Counting the mask costs O(numel): done once per mask version, not per forward.
+        return self._cached_for_mask("_mask_nnz_cache", lambda mask: int(mask.count_nonzero()))
+
+    def _mask_structure(self):
+        """CSR structure of the mask, its transpose and each nonzero's flat index, per mask version."""
+        def build(mask):
+            row_ptr, col_idx = csr_from_mask(mask)
+            col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, self.in_features)
+            flat_index = mask.reshape(-1).nonzero().reshape(-1)
+            return (row_ptr, col_idx, col_ptr, row_idx, perm, flat_index)
+        return self._cached_for_mask("_mask_structure_cache", build)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.uses_sparse_kernels(input):
+            return F.linear(input, self.weight, self.bias)
+        if input.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input must have last dimension in_features={self.in_features}, "
+                             f"got shape {tuple(input.shape)}")
+        if input.dtype != self.weight.dtype:
+            raise TypeError(f"input must have the layer's dtype {self.weight.dtype}, got {input.dtype}")
+        return ops.masked_linear(input, self.weight, self.bias, *self._mask_structure())
+
+    def extra_repr(self) -> str:
+        backend = f", backend={self.backend}" if self.backend != "auto" else ""
+        return super().extra_repr() + backend
+
+
+class SparseConv2d(_MaskLayoutMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight has a fixed number of active (nonzero) entries.
+
+    Takes every ``nn.Conv2d`` argument (stride, padding incl. ``"same"``/``"valid"``,
+    dilation, groups, bias, padding_mode, device, dtype) plus keyword-only
+    ``density`` and ``generator``, and behaves like :class:`SparseLinear`:
+    ``round(density * weight.numel())`` active positions of the
+    ``(out_channels, in_channels // groups, kh, kw)`` weight, a persistent bool
+    ``mask`` buffer attached to ``weight``, ``nn.Conv2d``'s own forward.
+    """
+
+    _dense_cls = nn.Conv2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding: Union[str, int, tuple] = 0, dilation=1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None,
+                 *, density: float = 1.0, generator: Optional[torch.Generator] = None):
+        density = check_density(density)
+        check_generator(generator)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._init_mask(exact_count(density, self.weight.numel()), generator)
+
+    @classmethod
+    def _from_dense_skeleton(cls, module: nn.Conv2d) -> "SparseConv2d":
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                   module.padding, module.dilation, module.groups, module.bias is not None,
+                   module.padding_mode, device="meta", dtype=module.weight.dtype)
