@@ -57,6 +57,16 @@ std::tuple<at::Tensor, at::Tensor> call_csr_linear_backward(
   return op.call(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm);
 }
 
+at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
+                              const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                              const at::Tensor& row_idx, const at::Tensor& perm, const at::Tensor& flat_index) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&)>("sparsemom::masked_linear");
+  return op.call(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, perm, flat_index);
+}
+
 at::Tensor call_transpose_contiguous(const at::Tensor& x) {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&)>("sparsemom::transpose_contiguous");
@@ -166,8 +176,8 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
                             const at::Tensor& col_idx, const at::Tensor& col_ptr,
                             const at::Tensor& row_idx, const at::Tensor& perm) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
-    // Made once, the feature-major input serves the forward and the SDDMM.
+    // Made once, the feature-major input serves the forward and the SDDMM. (The op
+    // below checks the arguments: its kernel, or under tracing its fake.)
     const at::Tensor xf = feature_major(x);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["x_feature_major"] = is_feature_major(x);
@@ -207,25 +217,23 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
                             const at::Tensor& col_idx, const at::Tensor& col_ptr,
                             const at::Tensor& row_idx, const at::Tensor& perm, const at::Tensor& flat_index) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    check_masked_linear_args(x, weight, row_ptr, col_idx, flat_index);
-    check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
     const at::Tensor xf = feature_major(x);
-    const at::Tensor values = gather_active(weight, flat_index);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["x_feature_major"] = is_feature_major(x);
-    ctx->save_for_backward({xf, values, col_ptr, row_idx, perm});
-    return call_csr_spmm(xf, row_ptr, col_idx, values, std::nullopt, bias);
+    ctx->save_for_backward({xf, weight, col_ptr, row_idx, perm, flat_index});
+    return call_masked_linear(xf, weight, bias, row_ptr, col_idx, col_ptr, row_idx, perm, flat_index);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &values = saved[1], &col_ptr = saved[2], &row_idx = saved[3],
-                     &perm = saved[4];
+    const at::Tensor &x = saved[0], &weight = saved[1], &col_ptr = saved[2], &row_idx = saved[3],
+                     &perm = saved[4], &flat_index = saved[5];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool want_x = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
     const bool want_bias = has_bias && ctx->needs_input_grad(2);
     at::Tensor grad_x, grad_weight, grad_bias;
     if (want_x) {
+      const at::Tensor values = gather_active(weight, flat_index);
       grad_x = in_layout_of_input(call_csr_spmm(feature_major(grads[0]), col_ptr, row_idx, values, perm,
                                                 std::nullopt),
                                   ctx->saved_data["x_feature_major"].toBool());

@@ -39,7 +39,7 @@ def _parent_step(cls):
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
-class _MaskedStepMixin(MaskingOptimizer):
+class _MaskedStepMixin:
     """Shared step logic: split masked parameters off, fuse their update."""
 
     _parent_cls: type
@@ -161,3 +161,7 @@ class AdamW(Adam, torch.optim.AdamW):
 
     _parent_cls = torch.optim.AdamW
     _decoupled = True
+
+
+for _cls in (SGD, Adam, AdamW):
+    MaskingOptimizer.register(_cls)

@@ -210,6 +210,19 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
+                  col_ptr: Tensor, row_idx: Tensor, perm: Tensor, flat_index: Tensor) -> Tensor:
+    """``x @ W.T + bias`` with ``W`` the entries of ``weight`` at ``flat_index`` (zero elsewhere);
+    differentiable in x, bias and ``weight``, whose gradient is dense: every entry, active
+    or not, gets ``grad.T @ x`` (plain torch autograd)."""
+    active = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    active[flat_index] = True
+    active = active.reshape(weight.shape)
+    # Forward: the active entries only; backward: d/dweight is 1 everywhere.
+    effective = torch.where(active, weight, weight - weight.detach())
+    return torch.nn.functional.linear(x, effective, bias)
+
+
 def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                         col_ptr: Tensor, row_idx: Tensor, perm: Tensor):
     """(grad of x, grad of values) of ``y = x @ W.T``, from the dense weight, independently of

@@ -1,9 +1,11 @@
-"""Shared test tables: devices, dtypes, shapes and tolerances."""
+"""Shared test tables (devices, dtypes, shapes, tolerances) and the small sparse models the engine tests train."""
 
 import pytest
 import torch
+from torch import nn
 
-import sparsemom_ext  # noqa: F401  (registers torch.ops.sparsemom)
+import sparsemom_ext as sm  # also registers torch.ops.sparsemom
+from sparsemom_ext.csr_structure import flat_indices
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -76,3 +78,45 @@ def train_steps(model, optimizer, engine, steps, seed=3, batch=8):
         optimizer.step()
         if engine is not None:
             engine.step()
+
+
+# ---------------------------------------------------------------- sparse models for the engine tests
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp(layout, sizes=(12, 20, 16, 6), density=0.3, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out, dtype=dtype), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    return sm.sparsify(model, density=density, layout=layout, generator=seeded(seed + 1))
+
+
+def make_optimizer(name, params):
+    return {
+        "sgd": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        "nesterov": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        "sm_sgd": lambda: sm.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True),
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2),
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2, amsgrad=True),
+        "sm_adamw": lambda: sm.optim.AdamW(params, lr=1e-2),
+    }[name]()
+
+
+def check_structure(layer):
+    """The csr layer's invariants: canonical structure, matching transpose, finite values,
+    zeros in the idle slots of the fixed capacity."""
+    row_ptr, col_idx = layer.structure()
+    assert row_ptr[0] == 0 and row_ptr[-1] == layer.nnz == col_idx.numel() <= layer.capacity
+    assert layer.values.numel() == layer.capacity and not layer.values[layer.nnz:].any()
+    assert bool((row_ptr.diff() >= 0).all())
+    flat = flat_indices(row_ptr, col_idx, layer.in_features)
+    assert bool((flat.diff() > 0).all()), "columns sorted and distinct within each row"
+    assert bool(((col_idx >= 0) & (col_idx < layer.in_features)).all())
+    for cached, fresh in zip((layer.col_ptr, layer.row_idx[: layer.nnz], layer.perm[: layer.nnz]),
+                             sm.ops.csr_transpose(row_ptr, col_idx, layer.in_features)):
+        assert torch.equal(cached, fresh)
+    assert int(layer.mask.sum()) == layer.nnz
+    assert bool(torch.isfinite(layer.values).all())

@@ -297,3 +297,15 @@ def test_a_graph_alive_across_a_size_changing_topology_change():
     weight = layer.dense_weight().requires_grad_()
     torch.nn.functional.linear(x, weight, layer.bias.detach()).square().sum().backward()
     close(layer.values.grad[: layer.nnz], weight.grad[layer.mask])
+
+
+def test_csr_gradients_equal_the_masked_dense_layer():
+    mask_layer = SparseLinear(30, 20, density=0.2, generator=seeded(), dtype=torch.float64)
+    csr_layer = sm.nn.to_layout(mask_layer, "csr")
+    x = torch.randn(7, 30, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x, mask_layer.weight * mask_layer.mask, mask_layer.bias).sin().sum().backward()
+    csr_layer(x2).sin().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad)
+    torch.testing.assert_close(csr_layer.values.grad[: csr_layer.nnz], mask_layer.weight.grad[mask_layer.mask])
+    torch.testing.assert_close(csr_layer.bias.grad, mask_layer.bias.grad)

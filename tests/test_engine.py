@@ -1,4 +1,6 @@
-"""The SparseMomentum engine: against a straightforward Python update, invariants, options, defects."""
+"""The SparseMomentum engine in both layouts: against a straightforward Python update, the
+optimizer state re-laid out with the weights (csr), invariants under hypothesis for every
+growth method and both scopes, options, resuming, and the defects of the reference code."""
 
 import copy
 import math
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 import sparsemom_ext as sm
 from sparsemom_ext.sparsity.engine import SparseMomentum, apportion, prune_rate_at
 
-from conftest import train_steps
+from conftest import check_structure, make_optimizer, mlp, seeded, train_steps
 
 
 def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
@@ -47,7 +49,7 @@ def sort_select(keys, candidates, k, largest):
 
 
 def python_update(weights, masks, momenta, rate):
-    """ALGORITHMS.md section 1 with sorting and lists: magnitude prune, momentum
+    """docs/algorithms.md section 2 with sorting and lists: magnitude prune, momentum
     redistribution (via the engine's apportion, tested on its own below) and momentum growth."""
     counts = [int(m.sum()) for m in masks]
     stats = [float(mo.abs()[m].mean()) if c else 0.0 for mo, m, c in zip(momenta, masks, counts)]
@@ -82,7 +84,7 @@ def test_update_matches_straightforward_python(opt_name, tie_values):
     train_steps(model, opt, engine, steps=4)
     weights = [w.param.detach().clone() for w in engine.weights]
     masks = [w.mask.clone() for w in engine.weights]
-    momenta = [engine._momentum(w).clone() for w in engine.weights]
+    momenta = [engine.family.momentum(w.param, w.name).clone() for w in engine.weights]
     expected = python_update(weights, masks, momenta, engine.prune_rate())
     engine.update()
     for w, exp in zip(engine.weights, expected):
@@ -325,3 +327,172 @@ def test_failed_update_leaves_masks_and_weights_as_they_were():
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights_before[name]), name
     assert engine.updates == 0 and engine.history == []
+
+
+# ---------------------------------------------------------------- the csr layout
+@pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "sm_sgd", "adam", "adamw", "sm_adamw"])
+@pytest.mark.parametrize("growth", ["gse", "random", "gradient", "momentum"])
+def test_optimizer_state_follows_the_weights(opt_name, growth):
+    model = mlp("csr")
+    opt = make_optimizer(opt_name, model.parameters())
+    engine = SparseMomentum(model, opt, prune_rate=0.4, update_every=4, total_steps=100, growth=growth,
+                            redistribution="magnitude", window=3)
+    train_steps(model, opt, engine, steps=3)
+    x = torch.randn(8, 12, generator=seeded(4), dtype=torch.float64)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()  # step 4, whose engine.step() updates: look at everything just before
+    layers = [w.module for w in engine.weights]
+    params = [layer.values for layer in layers]
+    before = []
+    def dense_state(layer, t):
+        return sm.ops.csr_to_dense(t[: layer.nnz], *layer.structure(), layer.in_features)
+
+    for layer in layers:
+        state = {k: dense_state(layer, t) for k, t in opt.state[layer.values].items()
+                 if torch.is_tensor(t) and t.dim() == 1}
+        before.append((layer.mask.clone(), layer.dense_weight(), state))
+    windows = {name: copy.deepcopy(win) for name, win in engine.growth_method.windows.items()}
+    engine.step()
+    assert engine.updates == 1
+    for w, layer, param, (old_mask, old_weight, old_state) in zip(engine.weights, layers, params, before):
+        assert layer.values is param and param.shape == (layer.capacity,)  # the same Parameter, same shape
+        check_structure(layer)
+        new_mask = layer.mask
+        kept, grown = new_mask & old_mask, new_mask & ~old_mask
+        state = opt.state[param]
+        assert sorted(state) == sorted(opt.state[param].keys())
+        for key, old_dense in old_state.items():
+            new_dense = dense_state(layer, state[key])
+            assert not state[key][layer.nnz:].any(), key  # idle slots stay zero
+            assert torch.equal(new_dense[kept], old_dense[kept]), key  # kept positions keep their state
+            expected_grown = torch.zeros(int(grown.sum()), dtype=old_dense.dtype)
+            if growth == "momentum" and key in windows[w.name].state:
+                window = windows[w.name]  # grown positions start from the accumulated candidate state
+                cand = torch.zeros(layer.out_features * layer.in_features, dtype=old_dense.dtype)
+                cand[window.flat] = window.state[key]
+                expected_grown = cand.view_as(new_mask)[grown]
+            assert torch.equal(new_dense[grown], expected_grown), key
+        new_weight = layer.dense_weight()
+        assert torch.equal(new_weight[kept], old_weight[kept])
+        assert not new_weight[grown].any()
+    train_steps(model, opt, engine, steps=2, seed=5)  # the optimizer keeps working on the re-laid-out state
+
+
+# ---------------------------------------------------------------- invariants
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 20), min_size=2, max_size=4),
+    density=st.floats(0.05, 0.6),
+    rate=st.floats(0.0, 1.0),
+    growth=st.sampled_from(["momentum", "random", "gradient", "gse"]),
+    prune=st.sampled_from(["magnitude", "set"]),
+    redistribution=st.sampled_from(["momentum", "magnitude", "nonzeros", "none"]),
+    scope=st.sampled_from(["layer", "global"]),
+    sampling=st.sampled_from(["uniform", "grabo"]),
+    candidates=st.sampled_from([0.5, 1.0, 2.0]),
+    mixed=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_property_counts_are_exact_and_structures_stay_canonical(sizes, density, rate, growth, prune, redistribution,
+                                                                  scope, sampling, candidates, mixed, seed):
+    if scope == "global" and growth == "random":
+        return  # rejected, tested below
+    model = mlp("csr", sizes=tuple(sizes), density=density, seed=seed)
+    if mixed:  # the first layer in the mask layout: both layouts in one engine
+        model[0] = sm.nn.to_layout(model[0], "mask")
+    opt = sm.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    engine = SparseMomentum(model, opt, prune_rate=rate, update_every=2, total_steps=9, decay="linear",
+                            growth=growth, prune=prune, redistribution=redistribution, scope=scope,
+                            sampling=sampling, candidates=candidates, window=1, seed=seed)
+    total = sum(w.count() for w in engine.weights)
+    for _ in range(4):
+        masks_before = [w.mask.clone() for w in engine.weights]
+        counts_before = [w.count() for w in engine.weights]
+        train_steps(model, opt, engine, steps=2, seed=seed)
+        records = engine.history[-len(engine.weights):]
+        assert sum(w.count() for w in engine.weights) == total  # the global count never drifts
+        for w, r, old_mask, old_count in zip(engine.weights, records, masks_before, counts_before):
+            assert w.count() == old_count - r.pruned + r.grown == r.nnz  # exact per layer
+            new_mask = w.mask
+            assert int((new_mask & ~old_mask).sum()) <= r.grown  # grown positions were inactive
+            assert int((old_mask & ~new_mask).sum()) <= r.pruned
+            if isinstance(w.module, sm.CsrLinear):
+                check_structure(w.module)
+            else:
+                assert not w.param[~w.mask].any()
+    assert engine.updates == 4
+
+
+# ---------------------------------------------------------------- resume and errors
+@pytest.mark.parametrize("growth", ["momentum", "gse"])
+def test_resumed_csr_run_continues_identically(growth):
+    total, resume_at = 14, 5  # step 5 is inside the momentum window of the update at step 6
+
+    def build(seed):
+        model = mlp("csr", seed=seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        engine = SparseMomentum(model, opt, update_every=3, total_steps=total, growth=growth, window=2,
+                                sampling="grabo", seed=seed)
+        return model, opt, engine
+
+    model, opt, engine = build(0)
+    train_steps(model, opt, engine, steps=total, seed=9)
+    model_a, opt_a, engine_a = build(0)
+    train_steps(model_a, opt_a, engine_a, steps=resume_at, seed=9)
+    saved = copy.deepcopy((model_a.state_dict(), opt_a.state_dict(), engine_a.state_dict()))
+    if growth == "momentum":
+        assert saved[2]["windows"], "the checkpoint is taken inside a window"
+    model_b, opt_b, engine_b = build(123)  # other init and seed: everything must come from the checkpoint
+    model_b.load_state_dict(saved[0])
+    opt_b.load_state_dict(saved[1])
+    engine_b.load_state_dict(saved[2])
+    g = seeded(9)
+    for _ in range(resume_at):
+        torch.randn(8, 12, generator=g, dtype=torch.float64)
+    for _ in range(total - resume_at):
+        x = torch.randn(8, 12, generator=g, dtype=torch.float64)
+        opt_b.zero_grad()
+        model_b(x).square().mean().backward()
+        opt_b.step()
+        engine_b.step()
+    assert engine_b.updates == engine.updates == 4
+    for (name, a), b in zip(model.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_loading_engine_state_before_the_model_is_a_clear_error():
+    model, opt = mlp("csr"), None
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = SparseMomentum(model, opt, update_every=2, total_steps=10, growth="gse", prune_rate=0.5)
+    train_steps(model, opt, engine, steps=2)
+    other = mlp("csr", density=0.5)
+    other_engine = SparseMomentum(other, sm.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), total_steps=10)
+    with pytest.raises(ValueError, match="load the model's state_dict"):
+        other_engine.load_state_dict(engine.state_dict())
+
+
+def test_unsupported_optimizer_and_options_are_clear_errors():
+    model = mlp("csr")
+    with pytest.raises(ValueError, match="re-lays out the optimizer state.*SGD"):
+        SparseMomentum(model, torch.optim.RMSprop(model.parameters()), total_steps=10, growth="random",
+                       redistribution="magnitude")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="scope='global'.*random"):
+        SparseMomentum(model, opt, total_steps=10, growth="random", scope="global")
+    for kwargs, words in [({"sampling": "grabbo"}, "sampling"), ({"scope": "all"}, "scope"),
+                          ({"candidates": 0}, "candidates"), ({"window": 0}, "window"),
+                          ({"decay_end": 1.5}, "decay_end"), ({"steps_per_epoch": -1}, "steps_per_epoch")]:
+        with pytest.raises(ValueError, match=words):
+            SparseMomentum(model, opt, total_steps=10, **kwargs)
+
+
+def test_update_without_a_batch_is_a_clear_error_and_changes_nothing():
+    model = mlp("csr")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = SparseMomentum(model, opt, total_steps=10, growth="gse", redistribution="magnitude")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="training batch"):
+        engine.update()
+    for (name, a), b in zip(before.items(), model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,5 +1,5 @@
 """Selection ops (magnitude_prune, momentum_grow, set_prune): exact equality with the
-reference, the rules of ALGORITHMS.md section 1 stated directly, invariants (hypothesis),
+reference, the rules of docs/algorithms.md section 2 stated directly, invariants (hypothesis),
 opcheck, and bad input."""
 
 import itertools

@@ -36,24 +36,14 @@ import torch
 from .. import ops
 from ..csr_structure import relayout_plan
 from ..nn.csr_layout import CsrLinear
-from .growth import GROWTHS, CandidateSampler, keep_after_prune, make_growth, top_scores
-from .masks import MaskingOptimizer, mask_of
-from .sampling import SAMPLINGS
-from .schedule import DECAYS, PruneSchedule, apportion, prune_rate_at
+from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
+from .masks import MaskingOptimizer
+from .options import EngineOptions
+from .schedule import PruneSchedule, apportion, prune_rate_at
 from .signals import SUPPORTED, optimizer_family
-from .views import BatchProbe, CsrView, MaskView
+from .views import BatchProbe, CsrView, MaskView, find_views
 
 __all__ = ["SparseMomentum", "UpdateRecord", "apportion", "prune_rate_at"]
-
-PRUNE = ("magnitude", "set")
-REDISTRIBUTION = ("momentum", "magnitude", "nonzeros", "none")
-SCOPES = ("layer", "global")
-
-
-def _check_choice(name, value, valid):
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
-
 
 @dataclass
 class UpdateRecord:
@@ -149,17 +139,13 @@ class SparseMomentum:
                  decay: str = "cosine", final_prune_rate: float = 0.005, seed: int = 0, *,
                  steps_per_epoch: Optional[int] = None, decay_end: float = 1.0, scope: str = "layer",
                  candidates: float = 1.0, sampling: str = "grabo", window: int = 100):
-        self.options = _checked_options(growth=growth, prune=prune, redistribution=redistribution, scope=scope,
-                                        candidates=candidates, sampling=sampling, window=window)
-        schedule = PruneSchedule(float(prune_rate), float(final_prune_rate), decay, total_steps, update_every,
-                                 float(decay_end), steps_per_epoch)
-        _check_schedule(schedule)
+        self.options = EngineOptions(growth, prune, redistribution, scope, candidates, sampling, window)
+        schedule = PruneSchedule(prune_rate, final_prune_rate, decay, total_steps, update_every, decay_end,
+                                 steps_per_epoch)
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.growth, self.prune, self.redistribution, self.scope = growth, prune, redistribution, scope
-        self.candidates, self.sampling, self.window = self.options["candidates"], sampling, window
-        self.weights = _find_views(model, optimizer)
+        self.weights = find_views(model, optimizer)
         self.family = optimizer_family(optimizer)
-        if growth == "momentum" or redistribution == "momentum":
+        if self.options.needs_momentum:
             if self.family is None:
                 raise ValueError(f"{type(optimizer).__name__} keeps no momentum the engine can read; "
                                  f"supported optimizers: {SUPPORTED}")
@@ -169,8 +155,8 @@ class SparseMomentum:
                              f"layers when their topology changes and knows how for {SUPPORTED}; use one of "
                              "them, or the mask layout")
         self.generator = torch.Generator().manual_seed(seed)
-        self.growth_method = make_growth(growth, self.family, CandidateSampler(sampling, float(candidates),
-                                                                               self.generator), self.generator)
+        sampler = CandidateSampler(sampling, self.options.candidates, self.generator)
+        self.growth_method = make_growth(growth, self.family, sampler, self.generator)
         self._window_views = self.growth_method.window_layers(self.weights)
         self.steps = 0
         self.updates = 0
@@ -188,9 +174,9 @@ class SparseMomentum:
             if not (keep_last or accumulates):
                 continue
             if not isinstance(w.module, (torch.nn.Linear, torch.nn.Conv2d, CsrLinear)):
-                raise ValueError(f"growth={self.growth!r} with sampling={self.sampling!r} reads the batches of "
-                                 f"{w.name!r}, which is not the weight of a Linear or Conv2d layer"
-                                 + ("; use sampling='uniform'" if w.dense_gradient and self.growth == "gse" else ""))
+                hint = "; use sampling='uniform'" if w.dense_gradient and self.options.growth == "gse" else ""
+                raise ValueError(f"growth={self.options.growth!r} with sampling={self.options.sampling!r} reads the "
+                                 f"batches of {w.name!r}, which is not the weight of a Linear or Conv2d layer{hint}")
             on_batch = (lambda x, g, w=w: self.growth_method.accumulate(w, x, g)) if accumulates else None
             self._probes[w.name] = BatchProbe(w.module, keep_last=keep_last, on_batch=on_batch)
 
@@ -228,13 +214,12 @@ class SparseMomentum:
             self._maybe_open_windows()
 
     def _maybe_open_windows(self) -> None:
-        windows = getattr(self.growth_method, "windows", None)
-        if not self._window_views or windows or not self.schedule.before_end(self.steps):
+        if not self._window_views or self.growth_method.windows or not self.schedule.before_end(self.steps):
             return
         upcoming = self.schedule.next_update(self.steps)
         epoch_unknown = self.schedule.update_every is None and self.schedule.steps_per_epoch is None
         # Epoch length unknown until the first end_of_epoch(): accumulate all of it.
-        if epoch_unknown or (upcoming is not None and upcoming - self.steps <= self.window):
+        if epoch_unknown or (upcoming is not None and upcoming - self.steps <= self.options.window):
             for w in self._window_views:
                 self.growth_method.open_window(w, self._probes.get(w.name))
 
@@ -250,7 +235,7 @@ class SparseMomentum:
         flats = [w.active_flat() for w in self.weights]
         pools = [self.growth_method.pool(w, self._probes.get(w.name)) for w in self.weights]
         values = [w.active_values(f) for w, f in zip(self.weights, flats)]
-        plan = self._plan_global if self.scope == "global" else self._plan_layers
+        plan = self._plan_global if self.options.scope == "global" else self._plan_layers
         keeps, grown, n_prune, shares = plan(rate, flats, values, pools)
         commits = [_relayout(f, k, g, s) for f, k, (g, s) in zip(flats, keeps, grown)]
         records = []
@@ -259,8 +244,7 @@ class SparseMomentum:
             nnz = w.count()
             records.append(UpdateRecord(self.steps, w.name, rate, share, k, g.numel(), nnz,
                                         nnz / w.numel if w.numel else 0.0))
-        if hasattr(self.growth_method, "windows"):
-            self.growth_method.windows.clear()
+        self.growth_method.windows.clear()
         self.updates += 1
         self.history.extend(records)
         return records
@@ -273,10 +257,10 @@ class SparseMomentum:
         shares = [s / total_stat if total_stat > 0 else 0.0 for s in stats]
         # Candidate-based growth can regrow at most its candidates: prune no more.
         n_prune = [_at_most(math.ceil(rate * c), p.limit) for c, p in zip(counts, pools)]
-        keeps = [keep_after_prune(v, k, self.prune) for v, k in zip(values, n_prune)]
+        keeps = [keep_after_prune(v, k, self.options.prune) for v, k in zip(values, n_prune)]
         room = [_at_most(min(w.capacity, w.numel) - (c - k), p.limit)
                 for w, c, k, p in zip(self.weights, counts, n_prune, pools)]
-        n_grow = list(n_prune) if self.redistribution == "none" else apportion(sum(n_prune), shares, room)
+        n_grow = list(n_prune) if self.options.redistribution == "none" else apportion(sum(n_prune), shares, room)
         grown = [p.select(f[k], g) for p, f, k, g in zip(pools, flats, keeps, n_grow)]
         return keeps, grown, n_prune, shares
 
@@ -288,7 +272,7 @@ class SparseMomentum:
         if limits:
             total = min(total, sum(limits))
         device = values[0].device
-        keep_all = keep_after_prune(torch.cat([v.to(device) for v in values]), total, self.prune)
+        keep_all = keep_after_prune(torch.cat([v.to(device) for v in values]), total, self.options.prune)
         keeps = [k.to(f.device) for k, f in zip(keep_all.split(counts), flats)]
         offers = []
         for w, f, k, p in zip(self.weights, flats, keeps, pools):
@@ -308,9 +292,9 @@ class SparseMomentum:
     def _statistic(self, w, flat, values) -> float:
         if flat.numel() == 0:
             return 0.0
-        if self.redistribution == "momentum":
+        if self.options.redistribution == "momentum":
             return float(w.at_active(self.family.momentum(w.param, w.name), flat).abs().mean())
-        if self.redistribution == "magnitude":
+        if self.options.redistribution == "magnitude":
             return float(values.abs().mean())
         return float(flat.numel())  # nonzeros; unused for "none"
 
@@ -330,15 +314,14 @@ class SparseMomentum:
         """Each layer's topology, counters, schedule, generator, options and open candidate
         windows: enough for a resumed run to continue identically. CsrLinear structures
         are in the model's state_dict; the engine keeps their nnz to check the load order."""
-        windows = getattr(self.growth_method, "windows", None)
         return {
             "steps": self.steps,
             "updates": self.updates,
             "layers": {w.name: w.saved_topology() for w in self.weights},
-            "windows": self.growth_method.window_state_dict() if windows is not None else {},
+            "windows": self.growth_method.window_state_dict(),
             "generator": self.generator.get_state(),
             "schedule": vars(self.schedule).copy(),
-            "options": dict(self.options),
+            "options": vars(self.options).copy(),
         }
 
     def load_state_dict(self, state: Dict) -> None:
@@ -352,20 +335,19 @@ class SparseMomentum:
                              f"{sorted(w.name for w in self.weights)}")
         for w in self.weights:
             w.check_saved_topology(layers[w.name])
-        if state["options"] != self.options:
+        if EngineOptions(**state["options"]) != self.options:
             raise ValueError(f"state_dict is of an engine with options {state['options']}, this one has "
-                             f"{self.options}: build the engine with the same arguments")
+                             f"{vars(self.options)}: build the engine with the same arguments")
         schedule = PruneSchedule(**state["schedule"])
-        _check_schedule(schedule)
         generator = torch.Generator()
         generator.set_state(state["generator"])
+        windows = self.growth_method.windows_from_state_dict(state["windows"], {w.name: w for w in self.weights})
         for w in self.weights:
             w.load_saved_topology(layers[w.name])
         self.steps, self.updates = state["steps"], state["updates"]
         self.generator.set_state(state["generator"])
         self.schedule = schedule
-        if hasattr(self.growth_method, "windows"):
-            self.growth_method.load_window_state_dict(state.get("windows", {}), {w.name: w for w in self.weights})
+        self.growth_method.windows = windows
 
 
 def _at_most(count: int, limit: Optional[int]) -> int:
@@ -384,56 +366,3 @@ def _relayout(flat, keep, grown_flat, grown_state):
         if grown_state:
             grown_state = {key: t[~regrown] for key, t in grown_state.items()}
     return relayout_plan(flat, keep, grown_flat), grown_state
-
-
-def _checked_options(**options) -> Dict:
-    _check_choice("growth", options["growth"], tuple(GROWTHS))
-    _check_choice("prune", options["prune"], PRUNE)
-    _check_choice("redistribution", options["redistribution"], REDISTRIBUTION)
-    _check_choice("scope", options["scope"], SCOPES)
-    _check_choice("sampling", options["sampling"], SAMPLINGS)
-    candidates, window = options["candidates"], options["window"]
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not 0.0 < candidates <= 1e6:
-        raise ValueError(f"candidates must be a positive number; got {candidates!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int; got {window!r}")
-    if options["scope"] == "global" and options["growth"] == "random":
-        raise ValueError("scope='global' grows by comparing scores across layers; growth='random' has "
-                         "none: use scope='layer' or another growth")
-    return {**options, "candidates": float(candidates)}
-
-
-def _check_schedule(s: PruneSchedule) -> None:
-    _check_choice("decay", s.decay, DECAYS)
-    for name, value in (("prune_rate", s.prune_rate), ("final_prune_rate", s.final_prune_rate)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
-    if isinstance(s.decay_end, bool) or not isinstance(s.decay_end, (int, float)) or not 0.0 < s.decay_end <= 1.0:
-        raise ValueError(f"decay_end must be in (0, 1] (a fraction of total_steps); got {s.decay_end!r}")
-    for name in ("update_every", "total_steps", "steps_per_epoch"):
-        value = getattr(s, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be None or a positive int; got {value!r}")
-    if s.decay != "constant" and s.total_steps is None:
-        raise ValueError(f"decay={s.decay!r} needs total_steps (the number of optimizer steps of the run); "
-                         "pass total_steps or decay='constant'")
-
-
-def _find_views(model, optimizer) -> List:
-    csr_layers = {id(m.values): m for m in model.modules() if isinstance(m, CsrLinear)}
-    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
-    views = []
-    for name, p in model.named_parameters():
-        if id(p) in csr_layers:
-            views.append(CsrView(name, csr_layers[id(p)]))
-        elif mask_of(p) is not None:
-            views.append(MaskView(name, p, mask_of(p), owners.get(id(p))))
-    if not views:
-        raise ValueError("model has no sparse weights (no parameter carries a mask and no layer is a CsrLinear); "
-                         "convert it with sparsemom_ext.sparsify(model, density=...) first")
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for w in views:
-        if id(w.param) not in held:
-            raise ValueError(f"the optimizer does not hold the sparse weight {w.name!r}; "
-                             "build the optimizer from model.parameters() (after sparsifying)")
-    return views

@@ -153,6 +153,9 @@ class Growth:
 
     def __init__(self, family: Optional[OptimizerFamily], sampler: CandidateSampler, generator: torch.Generator):
         self.family, self.sampler, self.generator = family, sampler, generator
+        # Candidate windows, by layer name: open between a window's start and the update
+        # that consumes them (csr momentum only; the engine drives them).
+        self.windows: Dict[str, "CandidateWindow"] = {}
 
     def keeps_last_batch(self, view) -> bool:
         """Whether the layer's probe must keep its last batch for this growth."""
@@ -161,9 +164,31 @@ class Growth:
     def pool(self, view, probe: Optional[BatchProbe]) -> GrowthPool:
         raise NotImplementedError
 
-    # Candidate windows (csr momentum only): the engine drives them.
     def window_layers(self, views) -> list:
+        """The views that accumulate candidate windows."""
         return []
+
+    def open_window(self, view, probe: Optional[BatchProbe]) -> None:
+        raise NotImplementedError(f"growth {self.name!r} keeps no candidate windows")
+
+    def window_state_dict(self) -> Dict:
+        return {name: {"flat": w.flat.clone(), "state": {k: t.clone() for k, t in w.state.items()}}
+                for name, w in self.windows.items()}
+
+    def windows_from_state_dict(self, saved: Dict, views_by_name) -> Dict[str, "CandidateWindow"]:
+        """The windows :meth:`window_state_dict` saved, rebuilt (nothing is installed)."""
+        unknown = sorted(set(saved) - set(views_by_name))
+        if unknown:
+            raise ValueError(f"state_dict has candidate windows of layers this engine does not have: {unknown}")
+        windows = {}
+        for name, entry in saved.items():
+            view = views_by_name[name]
+            device = view.param.device
+            flat = entry["flat"].to(device)
+            row_ptr, col_idx = structure_from_flat(flat, view.n_rows, view.n_cols)
+            windows[name] = CandidateWindow(flat, row_ptr, col_idx,
+                                            {k: t.to(device) for k, t in entry["state"].items()})
+        return windows
 
 
 class RandomGrowth(Growth):
@@ -213,10 +238,6 @@ class MomentumGrowth(Growth):
 
     name = "momentum"
 
-    def __init__(self, family, sampler, generator):
-        super().__init__(family, sampler, generator)
-        self.windows: Dict[str, CandidateWindow] = {}
-
     def window_layers(self, views):
         return [v for v in views if not v.dense_gradient]
 
@@ -251,21 +272,6 @@ class MomentumGrowth(Growth):
         grad = ops.csr_sddmm(grad_out.reshape(-1, view.n_rows), x.reshape(-1, view.n_cols), window.row_ptr,
                              window.col_idx)
         self.family.accumulate(window.state, grad, view.param)
-
-    def window_state_dict(self) -> Dict:
-        return {name: {"flat": w.flat.clone(), "state": {k: t.clone() for k, t in w.state.items()}}
-                for name, w in self.windows.items()}
-
-    def load_window_state_dict(self, saved: Dict, views_by_name) -> None:
-        windows = {}
-        for name, entry in saved.items():
-            view = views_by_name[name]
-            device = view.param.device
-            flat = entry["flat"].to(device)
-            row_ptr, col_idx = structure_from_flat(flat, view.n_rows, view.n_cols)
-            windows[name] = CandidateWindow(flat, row_ptr, col_idx,
-                                            {k: t.to(device) for k, t in entry["state"].items()})
-        self.windows = windows
 
 
 GROWTHS = {cls.name: cls for cls in (MomentumGrowth, RandomGrowth, GradientGrowth, GseGrowth)}

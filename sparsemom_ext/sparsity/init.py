@@ -45,6 +45,12 @@ def check_density(density, name: str = "density") -> float:
     return value
 
 
+def check_choice(name: str, value, valid) -> None:
+    """A ValueError naming ``name`` and listing ``valid`` unless ``value`` is one of them."""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+
+
 def check_distribution(distribution) -> str:
     """``distribution`` if it is one of :data:`DISTRIBUTIONS`, else a ValueError listing them."""
     if distribution not in DISTRIBUTIONS:

@@ -5,14 +5,17 @@ optimizers of :mod:`sparsemom_ext.optim` look masks up with :func:`mask_of` at e
 step and keep such parameters zero at inactive positions.
 """
 
+import abc
+
 import torch
 
 _MASK_ATTR = "_sparsemom_mask"
 
 
-class MaskingOptimizer:
-    """Marks an optimizer whose step keeps masked parameters zero at inactive positions
-    (the fused optimizers of :mod:`sparsemom_ext.optim`): the engine then does not mask again."""
+class MaskingOptimizer(abc.ABC):
+    """Optimizers whose step keeps masked parameters zero at inactive positions (the fused
+    optimizers of :mod:`sparsemom_ext.optim` register here): the engine then does not mask
+    again. An abstract base to register with, so the optimizers' MRO stays torch's."""
 
 
 def attach_mask(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .init import check_choice
+
 __all__ = ["DECAYS", "PruneSchedule", "apportion", "prune_rate_at"]
 
 DECAYS = ("cosine", "linear", "constant")
@@ -46,6 +48,27 @@ class PruneSchedule:
     update_every: Optional[int]
     decay_end: float = 1.0
     steps_per_epoch: Optional[int] = None
+
+    def __post_init__(self):
+        """Every field checked (a ValueError naming it), also for a schedule loaded from a state_dict."""
+        check_choice("decay", self.decay, DECAYS)
+        for name in ("prune_rate", "final_prune_rate", "decay_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number; got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("prune_rate", "final_prune_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1]; got {getattr(self, name)!r}")
+        if not 0.0 < self.decay_end <= 1.0:
+            raise ValueError(f"decay_end must be in (0, 1] (a fraction of total_steps); got {self.decay_end!r}")
+        for name in ("update_every", "total_steps", "steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int; got {value!r}")
+        if self.decay != "constant" and self.total_steps is None:
+            raise ValueError(f"decay={self.decay!r} needs total_steps (the number of optimizer steps of the run); "
+                             "pass total_steps or decay='constant'")
 
     def rate(self, step: int) -> float:
         """p_t at ``step``."""

@@ -16,14 +16,16 @@ SparseConv2d, or any parameter given a mask); :class:`CsrView` a
 :class:`~sparsemom_ext.nn.CsrLinear` through its public structure API.
 """
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from .. import ops
 from ..csr_structure import Relayout, structure_from_flat
+from ..nn.csr_layout import CsrLinear
+from .masks import mask_of
 
-__all__ = ["BatchProbe", "CsrView", "MaskView", "last_batch"]
+__all__ = ["BatchProbe", "CsrView", "MaskView", "find_views", "last_batch"]
 
 
 class BatchProbe:
@@ -199,3 +201,25 @@ class CsrView:
 
     def load_saved_topology(self, saved: Dict) -> None:
         pass
+
+
+def find_views(model, optimizer) -> List:
+    """A view of every sparse weight of ``model`` (mask-carrying parameters and CsrLinear
+    values, in ``named_parameters()`` order), checked to be held by ``optimizer``."""
+    csr_layers = {id(m.values): m for m in model.modules() if isinstance(m, CsrLinear)}
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    views = []
+    for name, p in model.named_parameters():
+        if id(p) in csr_layers:
+            views.append(CsrView(name, csr_layers[id(p)]))
+        elif mask_of(p) is not None:
+            views.append(MaskView(name, p, mask_of(p), owners.get(id(p))))
+    if not views:
+        raise ValueError("model has no sparse weights (no parameter carries a mask and no layer is a CsrLinear); "
+                         "convert it with sparsemom_ext.sparsify(model, density=...) first")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for w in views:
+        if id(w.param) not in held:
+            raise ValueError(f"the optimizer does not hold the sparse weight {w.name!r}; "
+                             "build the optimizer from model.parameters() (after sparsifying)")
+    return views

@@ -27,7 +27,9 @@ import torch
 import sparsemom_ext as sm
 
 from ..nn import LAYOUTS
-from ..sparsity import engine as engine_module
+from ..sparsity.growth import GROWTHS
+from ..sparsity.options import PRUNES, REDISTRIBUTIONS, SCOPES
+from ..sparsity.schedule import DECAYS
 from ..sparsity.init import DISTRIBUTIONS
 from ..sparsity.sampling import SAMPLINGS
 from . import checkpoint, models, plots, report
@@ -119,24 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distribution", choices=DISTRIBUTIONS, default="uniform", help="initial density per layer")
     g.add_argument("--layout", choices=LAYOUTS, default="mask",
                    help="mask: dense weight + mask (exact sparse momentum); csr: always-sparse storage")
-    g.add_argument("--growth", choices=engine_module.GROWTH, default="momentum",
+    g.add_argument("--growth", choices=tuple(GROWTHS), default="momentum",
                    help="which inactive weights to activate: largest momentum (sparse momentum; in the csr "
                         "layout accumulated over a window for sampled candidates), random (SET), largest gradient "
                         "(RigL), largest gradient among sampled candidates (GSE)")
-    g.add_argument("--prune", choices=engine_module.PRUNE, default="magnitude",
+    g.add_argument("--prune", choices=PRUNES, default="magnitude",
                    help="which active weights to remove: smallest magnitude, or closest to 0 on each side (SET)")
-    g.add_argument("--redistribution", choices=engine_module.REDISTRIBUTION, default="momentum",
+    g.add_argument("--redistribution", choices=REDISTRIBUTIONS, default="momentum",
                    help="how the removed weights are shared among layers for regrowth")
     unit = _number(float, 0.0, 1.0, what="in [0, 1]")
     g.add_argument("--prune-rate", type=unit, default=0.5, help="initial fraction of active weights pruned per update")
     g.add_argument("--final-prune-rate", type=unit, default=0.005, help="the prune rate the decay ends at")
-    g.add_argument("--prune-decay", choices=engine_module.DECAY, default="cosine",
+    g.add_argument("--prune-decay", choices=DECAYS, default="cosine",
                    help="schedule of the prune rate over the run")
     g.add_argument("--update-every", type=positive_int, default=None,
                    help="update the topology every N steps instead of at each epoch end")
     g.add_argument("--decay-end", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0,
                    help="fraction of the run at which the prune rate reaches its final value (GSE: 0.6)")
-    g.add_argument("--scope", choices=engine_module.SCOPES, default="layer",
+    g.add_argument("--scope", choices=SCOPES, default="layer",
                    help="layer: prune per layer and redistribute; global: prune and grow across all layers")
     g.add_argument("--sampling", choices=SAMPLINGS, default="grabo",
                    help="how gse and csr-layout momentum draw candidates: grabo (|input| x |output gradient| "
