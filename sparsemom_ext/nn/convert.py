@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..sparsity.init import check_density, check_distribution, check_generator, layer_counts
-from .csr_layout import CsrLinear
+from .csr_layout import CsrLinear, default_capacity
 from .mask_layout import SparseConv2d, SparseLinear, check_layout
 
 __all__ = ["DensityReport", "DensityRow", "density_report", "sparsify", "to_layout"]
@@ -53,8 +53,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     Each converted layer is ``SparseLinear.from_dense`` / ``SparseConv2d.from_dense`` of
     the original (its weight values kept at active positions, its bias, device, dtype
     and train/eval mode); with ``layout="csr"`` each SparseLinear then becomes a
-    :class:`~sparsemom_ext.nn.CsrLinear` (the same function, stored always-sparse, with
-    its default capacity). The active counts come from
+    :class:`~sparsemom_ext.nn.CsrLinear` (the same function, stored always-sparse) with
+    ``default_capacity(nnz, numel, model_nnz)`` value slots. The active counts come from
     :func:`sparsemom_ext.sparsity.init.layer_counts` over all converted layers together,
     so ``distribution`` ("uniform", "er", "erk") shapes the per-layer densities and the
     converted layers hold exactly ``round(density * their total weights)`` active
@@ -151,7 +151,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     replacement = {}
     for (name, module), count in zip(layers, counts):
         sparse = _sparse_class(module)._wrap(module, count, generator)
-        replacement[id(module)] = to_layout(sparse, layout)
+        if layout == "csr":
+            sparse = to_layout(sparse, "csr", capacity=default_capacity(count, module.weight.numel(), sum(counts)))
+        replacement[id(module)] = sparse
 
     for parent in model.modules():
         for child_name, child in list(parent._modules.items()):

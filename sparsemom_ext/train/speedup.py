@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn import CsrLinear
+
 __all__ = ["LayerTiming", "estimated_speedup", "summarise", "time_layers", "time_steps", "weight_density",
            "weight_layers"]
 
@@ -51,8 +53,8 @@ class LayerTiming:
 
 
 def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The conv/linear layers of ``model`` (sparse ones included: they subclass the torch layers)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """The conv/linear layers of ``model``: torch's, the mask-layout ones (their subclasses) and CsrLinear."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, CsrLinear))]
 
 
 def weight_density(module: nn.Module) -> float:

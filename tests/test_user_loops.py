@@ -1,0 +1,66 @@
+"""Topology updates in the loops users write, for every growth method in both layouts.
+
+The loop keeps ``loss`` (and the graph behind it) alive from one step into the next, as
+``loss = loss_fn(model(x), y); loss.backward()`` written in a loop does; updates change
+the layers' sizes (momentum redistribution), so a layer whose parameter changed shape
+in place would fail the next backward. The training command is run the same way.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparsemom_ext as sm
+from sparsemom_ext.train import cli
+
+GROWTHS = ["momentum", "random", "gradient", "gse"]
+
+
+def loader(batches=6, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("layout", ["csr", "mask"])
+@pytest.mark.parametrize("growth", GROWTHS)
+def test_the_epoch_loop_as_users_write_it(layout, growth):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    model = sm.sparsify(model, density=0.2, layout=layout)
+    data, epochs = loader(), 4
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    engine = sm.SparseMomentum(model, optimizer, prune_rate=0.5, growth=growth, total_steps=epochs * len(data),
+                               steps_per_epoch=len(data), window=3)
+    initial = [w.count() for w in engine.weights]
+    for epoch in range(epochs):
+        for x, y in data:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            engine.step()
+        engine.end_of_epoch()
+    assert engine.updates == epochs - 1
+    counts = [w.count() for w in engine.weights]
+    assert sum(counts) == sum(initial) and counts != initial  # layers changed size, the total did not
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("growth", GROWTHS)
+def test_the_training_command_in_the_csr_layout_updating_every_few_steps(tmp_path, growth):
+    path = tmp_path / "run.json"
+    argv = ["--model", "lenet300", "--density", "0.1", "--epochs", "2", "--layout", "csr", "--update-every", "5",
+            "--growth", growth, "--window", "3", "--train-size", "400", "--test-size", "100", "--batch-size", "25",
+            "--compare-dense", "0", "--no-progress", "--threads", "1", "--json", str(path)]
+    assert cli.main(argv) == 0
+    results = json.loads(path.read_text())
+    updates = results["topology_updates"]
+    steps = results["timing"]["steps"]
+    assert len(updates) == 3 * ((steps - 1) // 5)  # three layers, every fifth step but the last
+    initial = {"fc1.values": 23520, "fc2.values": 3000, "fc3.values": 100}  # 10% of each layer
+    assert any(r["nnz"] != initial[r["layer"]] for r in updates), "the updates changed some layer's size"
+    report = results["density_report"]
+    assert report["total"]["nnz"] == round(0.1 * report["total"]["numel"])
