@@ -16,7 +16,11 @@ machines. Environment variables:
                             kernels at run time).
   MAX_JOBS                  parallel compile jobs (default: number of CPUs).
 
-Install with `pip install --no-build-isolation -e .` after installing torch.
+The package's metadata (name, version, dependencies, extras, the console script)
+is in pyproject.toml; this file only declares the extension, which is compiled
+against the torch that the building Python imports. Install torch first, then
+`pip install --no-build-isolation -e .`: an isolated build (plain `pip install .`)
+has no torch and stops with a message saying so.
 """
 
 import os
@@ -26,7 +30,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+BUILD_HINT = "pip install --no-build-isolation -e .  (or: pip install --no-build-isolation .)"
+
+
+def require_setuptools():
+    """pyproject.toml's SPDX license field needs setuptools >= 77; an older one would fail with a
+    schema error that does not say so (a --no-build-isolation build uses the environment's)."""
+    import setuptools
+
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        sys.exit(f"sparsemom_ext: building needs setuptools >= 77, and {sys.executable} has "
+                 f"{setuptools.__version__}: pip install 'setuptools>=77', then build again")
+
+
+def require_torch():
+    """Import torch, or exit with the one line that says what to do."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        # pip's isolated build environments live in folders named pip-build-env-*.
+        if any("pip-build-env-" in entry for entry in sys.path):
+            sys.exit("sparsemom_ext: pip is building in an isolated environment, which cannot see your torch: "
+                     f"install torch first, then build without build isolation: {BUILD_HINT}")
+        sys.exit(f"sparsemom_ext: building needs torch, and {sys.executable} cannot import it ({exc}): "
+                 f"install torch first (pip install torch), then build: {BUILD_HINT}")
+
 
 # nvcc 13 compiles for sm_75 and newer. Used only when TORCH_CUDA_ARCH_LIST is
 # unset and no GPU is visible: Turing, Ampere (A100, A10/RTX 30), Hopper
@@ -162,26 +192,12 @@ def extensions():
 
 
 def main():
+    require_setuptools()
+    require_torch()
     ext_modules = extensions()  # first: it sets CUDA_HOME before cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension
 
-    setup(
-        name="sparsemom_ext",
-        version="0.1.0",
-        description="Sparse momentum and dynamic sparse training with C++/CUDA kernels for PyTorch",
-        long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
-        long_description_content_type="text/markdown",
-        license="MIT",
-        python_requires=">=3.10",
-        packages=find_packages(include=["sparsemom_ext", "sparsemom_ext.*"]),
-        package_data={"sparsemom_ext": ["data/mnist/*.gz", "data/mnist/README.md"]},
-        install_requires=["torch>=2.4", "numpy", "tqdm"],
-        extras_require={"test": ["pytest", "hypothesis", "expecttest", "matplotlib"], "plot": ["matplotlib"]},
-        entry_points={"console_scripts": ["sparsemom-train=sparsemom_ext.train.cli:console_main"]},
-        ext_modules=ext_modules,
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        zip_safe=False,
-    )
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
 
 
 if __name__ == "__main__":
