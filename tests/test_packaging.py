@@ -60,7 +60,7 @@ def test_pyproject_holds_the_metadata_and_the_version_is_the_package_s():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     meta = project["project"]
     assert meta["dynamic"] == ["version"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sparsemom_ext.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sparsemom_ext._version.__version__"}
     assert not re.search(r"\bversion\s*=", (ROOT / "setup.py").read_text(encoding="utf-8"))
     assert meta["requires-python"] == ">=3.10"
     # torch is a dependency but not a build requirement: an isolated build would compile
