@@ -10,7 +10,10 @@ does::
     from sparsemom_ext.optim import SGD   # instead of torch.optim.SGD
 
 The momentum of inactive positions keeps being updated (sparse momentum grows from
-it); the weights of inactive positions are exactly zero after every step.
+it); the weights of inactive positions are exactly zero after every step. The values of
+a :class:`~sparsemom_ext.nn.CsrLinear` carry their used slots
+(:func:`sparsemom_ext.sparsity.masks.used_slots_of`) and are stepped, fused, on those
+slots only: the idle ones (zero weight, gradient and state) cost nothing.
 
 Parameters whose group uses ``capturable``, ``differentiable`` or ``fused=True``,
 with a sparse gradient or one of another dtype, or of a dtype the kernels do not
@@ -21,7 +24,7 @@ not fused.
 import torch
 
 from . import ops
-from .sparsity.masks import MaskingOptimizer, mask_of
+from .sparsity.masks import MaskingOptimizer, mask_of, used_slots_of
 
 __all__ = ["SGD", "Adam", "AdamW"]
 
@@ -55,7 +58,8 @@ class _MaskedStepMixin:
         )
 
     def _masked_params(self):
-        """[(group, param, mask, fusable)] for params with a gradient and a mask.
+        """[(group, param, mask, used, fusable)] for params with a gradient and a mask, or
+        with used slots (a CsrLinear's values: ``used`` leading entries, the rest idle).
 
         Every mask is validated here, before any parameter is touched, so a bad
         mask leaves the whole model and the optimizer state as they were.
@@ -63,8 +67,11 @@ class _MaskedStepMixin:
         found = []
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
-                mask = mask_of(p)
-                if p.grad is None or mask is None:
+                mask, used = mask_of(p), used_slots_of(p)
+                if p.grad is None or (mask is None and used is None):
+                    continue
+                if mask is None:
+                    found.append((group, p, None, used, self._fusable(group, p)))
                     continue
                 if mask.dtype != torch.bool or mask.shape != p.shape or mask.device != p.device:
                     raise ValueError(
@@ -73,7 +80,7 @@ class _MaskedStepMixin:
                         f"{tuple(mask.shape)} on {mask.device}; re-attach it with "
                         "sparsemom_ext.attach_mask after moving the model"
                     )
-                found.append((group, p, mask, self._fusable(group, p)))
+                found.append((group, p, mask, None, self._fusable(group, p)))
         return found
 
     @torch.no_grad()
@@ -84,10 +91,10 @@ class _MaskedStepMixin:
             with torch.enable_grad():
                 loss = closure()
         masked = self._masked_params()
-        fused = [(group, p, mask) for group, p, mask, fusable in masked if fusable]
+        fused = [(group, p, mask, used) for group, p, mask, used, fusable in masked if fusable]
         # The parent's step skips parameters without a gradient: hide the fused
         # ones from it, and restore their gradients whatever happens.
-        hidden = [(p, p.grad) for _, p, _ in fused]
+        hidden = [(p, p.grad) for _, p, _, _ in fused]
         for p, _ in hidden:
             p.grad = None
         try:
@@ -95,11 +102,13 @@ class _MaskedStepMixin:
         finally:
             for p, grad in hidden:
                 p.grad = grad
-        for _, p, mask, fusable in masked:
-            if not fusable:
+        for _, p, mask, _, fusable in masked:
+            if not fusable and mask is not None:
                 p.masked_fill_(~mask, 0)
-        for group, p, mask in fused:
-            self._fused_update(group, p, mask)
+        for group, p, mask, used in fused:
+            # Views of the used slots: idle slots (zero weight, gradient and state) stay as they are.
+            view = (lambda t: t) if used is None else (lambda t, n=used: None if t is None else t[:n])
+            self._fused_update(group, p, mask, view)
         return loss
 
 
@@ -108,17 +117,17 @@ class SGD(_MaskedStepMixin, torch.optim.SGD):
 
     _parent_cls = torch.optim.SGD
 
-    def _fused_update(self, group, p, mask):
+    def _fused_update(self, group, p, mask, view):
         momentum = group["momentum"]
         buf = None
         fresh = False
         if momentum != 0:  # torch.optim.SGD keeps no state without momentum
             buf = self.state[p].get("momentum_buffer")
             if buf is None:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh = True
         ops.fused_sgd_step_(
-            p, p.grad, buf, mask,
+            view(p), view(p.grad), view(buf), mask,
             lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             maximize=group["maximize"], init_momentum_buffer=fresh,
@@ -133,7 +142,7 @@ class Adam(_MaskedStepMixin, torch.optim.Adam):
     _parent_cls = torch.optim.Adam
     _decoupled = False
 
-    def _fused_update(self, group, p, mask):
+    def _fused_update(self, group, p, mask, view):
         state = self.state[p]
         if len(state) == 0:
             # The layout torch.optim.Adam creates (non-capturable), so state_dicts
@@ -148,8 +157,8 @@ class Adam(_MaskedStepMixin, torch.optim.Adam):
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay", self._decoupled)
         ops.fused_adam_step_(
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-            state.get("max_exp_avg_sq") if group["amsgrad"] else None, mask,
+            view(p), view(p.grad), view(state["exp_avg"]), view(state["exp_avg_sq"]),
+            view(state.get("max_exp_avg_sq")) if group["amsgrad"] else None, mask,
             step=int(state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
             beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=decoupled, maximize=group["maximize"],

@@ -13,9 +13,10 @@ parameter, DDP's reducer keeps its buckets and torch.compile sees the same shape
 structure buffers are the same: ``row_ptr`` (``out_features + 1``), ``col_idx``
 (``capacity``, the first ``nnz`` used) and the cached transpose ``col_ptr`` / ``row_idx``
 / ``perm`` (rebuilt, never saved). The price is ``capacity - nnz`` idle slots in the
-values, their gradient and the optimizer state: by default ``capacity`` is twice the
-initial nnz, and in a model made by ``sparsify`` at least half of the model's
-nonzeros (at most ``in x out``): that is what redistribution may grow a layer to.
+values, their gradient and the optimizer state: by default ``capacity`` is 1.5x the
+initial nnz, and in a model made by ``sparsify`` at least a quarter of the model's
+nonzeros (at most ``in x out``): that is what redistribution may grow a layer to. The
+fused optimizers of :mod:`sparsemom_ext.optim` step the used slots only.
 """
 
 import math
@@ -28,18 +29,21 @@ from .. import ops
 from ..csr_structure import (Relayout, check_canonical_structure, csr_from_mask, csr_to_dense, csr_to_mask,
                              csr_values_from_dense, flat_indices, structure_from_flat)
 from ..sparsity.init import check_density, check_generator, exact_count, random_mask
+from ..sparsity.masks import UsedSlots, attach_used_slots
 
 __all__ = ["CsrLinear", "default_capacity"]
 
 #: Value slots per initial nonzero when ``capacity`` is not given: room for
-#: redistribution to double a layer's nonzeros.
-CAPACITY_FACTOR = 2.0
+#: redistribution to grow a layer by half. Slots cost memory like nonzeros (the values,
+#: their gradient and optimizer state, the structure: 24 bytes each with SGD momentum),
+#: so at 95% sparsity 1.5x keeps a model's training memory near 0.15x dense.
+CAPACITY_FACTOR = 1.5
 #: In a model (``sparsify``), a layer also gets at least this fraction of the model's
 #: nonzeros as slots: momentum redistribution moves budget to the small layers (in the
-#: mask layout LeNet-300-100 at 10% takes its 100 x 300 layer from 10% to 38% density,
-#: 43% of the model's nonzeros, and its 10 x 100 one to 100%), and slots of a small
-#: layer cost little.
-MODEL_SHARE = 0.5
+#: mask layout LeNet-300-100 at 10% takes its 10 x 100 layer to 100% density and its
+#: 100 x 300 one from 10% to 38%, 43% of the model's nonzeros, where csr stops at 25%),
+#: and slots of a small layer cost little.
+MODEL_SHARE = 0.25
 
 
 def default_capacity(nnz: int, numel: int, model_nnz: int = 0) -> int:
@@ -77,7 +81,8 @@ class CsrLinear(nn.Module):
     ``out_proj``) keep their layers dense; ``sparsify`` leaves them alone.
 
     ``capacity``: the number of value slots (None: :func:`default_capacity`); it bounds
-    the nonzeros a topology update may give the layer.
+    the nonzeros a topology update may give the layer. ``values`` carries its used slots
+    (:func:`~sparsemom_ext.sparsity.masks.used_slots_of`) for the fused optimizers.
     """
 
     layout = "csr"
@@ -150,13 +155,15 @@ class CsrLinear(nn.Module):
         self.register_buffer("col_ptr", torch.zeros(self.in_features + 1, **int_opts), persistent=False)
         self.register_buffer("row_idx", torch.zeros(capacity, **int_opts), persistent=False)
         self.register_buffer("perm", torch.zeros(capacity, **int_opts), persistent=False)
+        self._slots = UsedSlots(0)
+        attach_used_slots(self.values, self._slots)
         self._install_structure(row_ptr, col_idx)
 
     # ------------------------------------------------------------------ structure API
     @property
     def nnz(self) -> int:
         """The number of active weights."""
-        return self._nnz
+        return self._slots.count
 
     @property
     def capacity(self) -> int:
@@ -242,7 +249,7 @@ class CsrLinear(nn.Module):
             buffer[:nnz] = head
             buffer[nnz:] = 0
         self.col_ptr.copy_(col_ptr)
-        self._nnz = nnz
+        self._slots.count = nnz
 
     # ------------------------------------------------------------------ nn.Module
     def reset_parameters(self) -> None:
@@ -301,6 +308,18 @@ class CsrLinear(nn.Module):
             raise ValueError(f"row_ptr must end at nnz <= capacity = {col_idx.numel()}, got {nnz}")
         check_canonical_structure(row_ptr, col_idx[:nnz], self.out_features, self.in_features)
         return nnz
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.double() may replace the values Parameter: the used slots follow it.
+        result = super()._apply(fn, recurse)
+        attach_used_slots(self.values, self._slots)
+        return result
+
+    def __setstate__(self, state):
+        # Parameter.__deepcopy__ and pickling drop the attribute the used slots hang on.
+        super().__setstate__(state)
+        if "values" in self._parameters and "_slots" in self.__dict__:
+            attach_used_slots(self.values, self._slots)
 
     def extra_repr(self) -> str:
         density = "?" if self.values.is_meta else f"{self.density:.4g}"

@@ -10,6 +10,7 @@ import abc
 import torch
 
 _MASK_ATTR = "_sparsemom_mask"
+_SLOTS_ATTR = "_sparsemom_used_slots"
 
 
 class MaskingOptimizer(abc.ABC):
@@ -48,3 +49,27 @@ def detach_mask(param: torch.Tensor) -> None:
     """Forget the mask of ``param`` (it becomes a dense parameter again)."""
     if hasattr(param, _MASK_ATTR):
         delattr(param, _MASK_ATTR)
+
+
+class UsedSlots:
+    """How many leading entries of a 1-D parameter are in use: a CsrLinear's ``values`` has
+    a fixed number of slots, the first ``count`` active and the rest idle zeros. The layer
+    updates ``count``; the fused optimizers read it and step only those entries."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+
+def attach_used_slots(param: torch.Tensor, slots: UsedSlots) -> torch.Tensor:
+    """Attach ``slots`` (by reference) to the 1-D ``param`` and return ``param``."""
+    if not isinstance(param, torch.Tensor) or param.dim() != 1:
+        raise ValueError(f"param must be a 1-D tensor, got {type(param).__name__}"
+                         + (f" of shape {tuple(param.shape)}" if isinstance(param, torch.Tensor) else ""))
+    setattr(param, _SLOTS_ATTR, slots)
+    return param
+
+
+def used_slots_of(param: torch.Tensor):
+    """The number of used leading entries of ``param`` (see :class:`UsedSlots`), or ``None``."""
+    slots = getattr(param, _SLOTS_ATTR, None)
+    return None if slots is None else slots.count
