@@ -4,7 +4,7 @@ The model is an MLP (default 784-4096-4096-4096-10, ReLU) trained on MNIST batch
 SGD (Nesterov, momentum 0.9, weight decay 5e-4) and cross-entropy. Rows:
 
 - ``dense``: ``nn.Linear`` layers and ``torch.optim.SGD``: the baseline;
-- ``csr/<growth>``: every layer a ``SparseLinear(layout="csr")`` at ``--density``,
+- ``csr/<growth>``: every layer a ``CsrLinear`` (``sparsify(layout="csr")``) at ``--density``,
   ``sm.optim.SGD`` and a ``SparseMomentum`` engine with that growth, updating the
   topology every ``--period`` steps (default 540: once per MNIST epoch at batch 100, the
   engine's default frequency) with its default window / candidate settings.

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import sparsemom_ext as sm  # also registers torch.ops.sparsemom
 from sparsemom_ext.csr_structure import flat_indices
@@ -78,6 +79,32 @@ def train_steps(model, optimizer, engine, steps, seed=3, batch=8):
         optimizer.step()
         if engine is not None:
             engine.step()
+
+
+# ---------------------------------------------------------------- sparse layers against F.linear
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def check_against_dense(layer, x, weight=None):
+    """Forward and backward of ``layer`` equal F.linear with ``weight`` (default: the
+    layer's dense weight) and its bias; returns the dense weight's gradient."""
+    weight = (layer.dense_weight() if weight is None else weight).detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    y_ref = F.linear(x_ref, weight, bias)
+    assert y.shape == y_ref.shape
+    close(y, y_ref)
+    grad_y = torch.randn(y.shape, generator=seeded(99), dtype=y.dtype)
+    y.backward(grad_y)
+    y_ref.backward(grad_y)
+    close(x.grad, x_ref.grad)
+    close(layer.bias.grad, bias.grad)
+    return weight.grad
 
 
 # ---------------------------------------------------------------- sparse models for the engine tests

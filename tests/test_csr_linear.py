@@ -12,36 +12,11 @@ import sparsemom_ext as sm
 from sparsemom_ext.csr_structure import relayout_plan
 from sparsemom_ext.nn import CsrLinear, SparseLinear
 
-from conftest import DEVICES
+from conftest import DEVICES, check_against_dense, close
 
 
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def check_against_dense(layer, x, weight=None):
-    """Forward and backward of ``layer`` equal F.linear with ``weight`` (default: the
-    layer's dense weight) and its bias; returns the dense weight's gradient."""
-    weight = (layer.dense_weight() if weight is None else weight).detach().clone().requires_grad_()
-    bias = layer.bias.detach().clone().requires_grad_()
-    x = x.detach().requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    for p in layer.parameters():
-        p.grad = None
-    y = layer(x)
-    y_ref = F.linear(x_ref, weight, bias)
-    assert y.shape == y_ref.shape
-    close(y, y_ref)
-    grad_y = torch.randn(y.shape, generator=seeded(99), dtype=y.dtype)
-    y.backward(grad_y)
-    y_ref.backward(grad_y)
-    close(x.grad, x_ref.grad)
-    close(layer.bias.grad, bias.grad)
-    return weight.grad
 
 
 # ---------------------------------------------------------------- the csr layer

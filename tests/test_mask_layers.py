@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import sparsemom_ext as sm
 from sparsemom_ext.nn import SparseConv2d, SparseLinear
 
-from conftest import DEVICES
+from conftest import DEVICES, check_against_dense, close
 
 
 def seeded(seed=0):
@@ -275,29 +275,6 @@ def test_training_with_fused_sgd_keeps_inactive_weights_zero(device):
         assert optimizer.state[layer.weight]["momentum_buffer"][~layer.mask].ne(0).any()
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def check_against_dense(layer, x, weight):
-    """Forward and backward of ``layer`` equal F.linear with ``weight`` and its bias."""
-    weight = weight.detach().clone().requires_grad_()
-    bias = layer.bias.detach().clone().requires_grad_()
-    x = x.detach().requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    for p in layer.parameters():
-        p.grad = None
-    y = layer(x)
-    y_ref = F.linear(x_ref, weight, bias)
-    close(y, y_ref)
-    grad_y = torch.randn(y.shape, generator=seeded(99), dtype=y.dtype)
-    y.backward(grad_y)
-    y_ref.backward(grad_y)
-    close(x.grad, x_ref.grad)
-    close(layer.bias.grad, bias.grad)
-    close(layer.weight.grad, weight.grad)
-
-
 # ---------------------------------------------------------------- mask layout backends
 def test_mask_layout_sparse_and_dense_backends_agree():
     sparse = SparseLinear(64, 48, density=0.2, backend="sparse", generator=seeded(3))
@@ -320,7 +297,8 @@ def test_mask_layout_sparse_and_dense_backends_agree():
 def test_sparse_backend_rebuilds_its_structure_when_the_mask_changes():
     layer = SparseLinear(64, 48, density=0.2, backend="sparse", generator=seeded(3))
     x = torch.randn(10, 64, generator=seeded(4))
-    check_against_dense(layer, x, layer.weight)  # builds and caches the structure
+    weight_grad = check_against_dense(layer, x, layer.weight)  # builds and caches the structure
+    close(layer.weight.grad, weight_grad)
     with torch.no_grad():
         layer.mask[0, :] = False  # in place, as the engine does
         layer.weight[0, :] = 0
@@ -329,7 +307,8 @@ def test_sparse_backend_rebuilds_its_structure_when_the_mask_changes():
         layer.weight[1, grown] = torch.tensor([1.5, -2.0, 3.0])
     y = layer(x)
     assert (y[:, 0] == layer.bias[0]).all()
-    check_against_dense(layer, x, layer.weight)
+    weight_grad = check_against_dense(layer, x, layer.weight)
+    close(layer.weight.grad, weight_grad)
     # A stale structure would miss the grown weights.
     close(y, F.linear(x, layer.weight, layer.bias))
 
@@ -354,7 +333,8 @@ def test_auto_backend_picks_sparse_for_large_sparse_float32_cpu_layers():
     x = torch.randn(3, 512)
     sparse = SparseLinear(512, 512, density=0.1, generator=seeded())
     assert sparse.backend == "auto" and sparse.uses_sparse_kernels(x)
-    check_against_dense(sparse, x, sparse.weight)
+    weight_grad = check_against_dense(sparse, x, sparse.weight)
+    close(sparse.weight.grad, weight_grad)
     assert not SparseLinear(512, 512, density=0.5, generator=seeded()).uses_sparse_kernels(x)
     float64 = SparseLinear(512, 512, density=0.1, dtype=torch.float64, generator=seeded())
     assert not float64.uses_sparse_kernels(x.double())

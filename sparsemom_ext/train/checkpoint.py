@@ -8,10 +8,11 @@ configuration. It is written to a temporary file and renamed, so an interrupted
 save never leaves a truncated checkpoint, and read with ``weights_only=True`` (no
 code runs on load): numpy's state is stored as tensors for that reason.
 
-Load order matters for the csr layout, whose ``values`` change size with the
-topology: the model is loaded first (the layer resizes its tensors to the
-checkpoint's structure), then the optimizer (whose state then matches), then the
-engine.
+Load order matters for the csr layout, whose structure is in the model's state:
+the model is loaded first (each CsrLinear takes the checkpoint's structure into
+its fixed-capacity buffers), then the optimizer, then the engine (which checks
+each layer's nonzero count against the model's). Checkpoints of format 1 (before
+CsrLinear and the per-layer engine state) are refused with a message.
 """
 
 import dataclasses
@@ -28,7 +29,8 @@ from .loop import ConfigError, Run
 
 __all__ = ["FORMAT", "IGNORED_ON_RESUME", "load_checkpoint", "restore", "save_checkpoint"]
 
-FORMAT = 1
+# 2: the engine's state per layer view, CsrLinear's fixed-capacity storage.
+FORMAT = 2
 #: Options that do not change what is computed, so a resumed run may change them.
 IGNORED_ON_RESUME = frozenset({"resume", "save", "json", "plot", "threads", "progress", "compare_dense",
                                "eval_batch_size"})
