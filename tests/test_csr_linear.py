@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import sparsemom_ext as sm
 from sparsemom_ext.csr_structure import relayout_plan

@@ -1,7 +1,6 @@
 """sparsify() in both layouts, to_layout() between them, and density_report()."""
 
 import copy
-import io
 
 import pytest
 import torch

@@ -33,7 +33,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import ops
 from ..csr_structure import relayout_plan
 from ..nn.csr_layout import CsrLinear
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
@@ -41,7 +40,7 @@ from .masks import MaskingOptimizer
 from .options import EngineOptions
 from .schedule import PruneSchedule, apportion, prune_rate_at
 from .signals import SUPPORTED, optimizer_family
-from .views import BatchProbe, CsrView, MaskView, find_views
+from .views import BatchProbe, CsrView, find_views
 
 __all__ = ["SparseMomentum", "UpdateRecord", "apportion", "prune_rate_at"]
 
@@ -195,10 +194,8 @@ class SparseMomentum:
     def step(self) -> None:
         """Call after ``optimizer.step()``: re-applies the masks and updates every ``update_every`` steps."""
         if not isinstance(self.optimizer, MaskingOptimizer):  # the fused optimizers mask already
-            with torch.no_grad():
-                for w in self.weights:
-                    if isinstance(w, MaskView):
-                        ops.mask_apply_(w.param.data, w.mask)
+            for w in self.weights:
+                w.zero_inactive()
         self.steps += 1
         if self.schedule.updates_at_step(self.steps):
             self.update()

@@ -89,6 +89,11 @@ class MaskView:
     def count(self) -> int:
         return int(self.mask.sum())
 
+    @torch.no_grad()
+    def zero_inactive(self) -> None:
+        """After a plain torch.optim step, which moves inactive weights too: zero them again."""
+        ops.mask_apply_(self.param.data, self.mask)
+
     def active_flat(self) -> torch.Tensor:
         return self.mask.reshape(-1).nonzero().reshape(-1)
 
@@ -158,6 +163,10 @@ class CsrView:
 
     def count(self) -> int:
         return self.module.nnz
+
+    def zero_inactive(self) -> None:
+        """Nothing to do: inactive positions are not stored, and idle slots stay zero under
+        any optimizer step (zero weight, gradient and state)."""
 
     def active_flat(self) -> torch.Tensor:
         return self.module.active_flat()
