@@ -1,4 +1,5 @@
-"""Every op against its pure-PyTorch reference, over devices x dtypes x shapes x masks."""
+"""The elementwise ops (mask_apply_, fused_sgd_step_, fused_adam_step_) against their pure-PyTorch
+references, over devices x dtypes x shapes x masks, and opcheck."""
 
 import itertools
 
