@@ -272,9 +272,9 @@ void check_csr_linear_backward_args(const at::Tensor& grad, const at::Tensor& x,
                     "), got ", row_idx.numel(), " and ", perm.numel(),
                     "; pass the result of csr_transpose(row_ptr, col_idx, in_features)");
   check_weight_like(values, "values");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == col_idx.numel(),
-                    "values must be 1-D with one entry per nonzero (", col_idx.numel(), "), got shape ",
-                    values.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= col_idx.numel(),
+                    "values must be 1-D with one entry per nonzero (", col_idx.numel(),
+                    ") and possibly idle slots after them, got shape ", values.sizes());
   TORCH_CHECK_TYPE(values.scalar_type() == grad.scalar_type(), "values must have the dtype of grad (",
                    grad.scalar_type(), "), got ", values.scalar_type());
   check_same_device(values, "values", grad, "grad");

@@ -8,6 +8,7 @@
 // about 120 us of host time per layer call, more than the kernels of a
 // 128 x 4096 -> 4096 layer at 90% sparsity on a GPU.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -117,11 +118,20 @@ void check_transposed_structure(const at::Tensor& x, const at::Tensor& col_idx, 
                     " for x of shape ", x.sizes());
 }
 
+// The values of the structure's nonzeros: the first nnz, past which a CsrLinear
+// keeps idle slots.
+at::Tensor used_values(const at::Tensor& values, const at::Tensor& col_idx) {
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= col_idx.numel(),
+                    "values must be 1-D with one entry per nonzero (", col_idx.numel(),
+                    ") and possibly idle slots after them, got shape ", values.sizes());
+  return values.numel() == col_idx.numel() ? values : values.narrow(0, 0, col_idx.numel());
+}
+
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                       const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
                       const at::Tensor& row_idx, const at::Tensor& perm) {
   check_transposed_structure(x, col_idx, col_ptr, row_idx, perm);
-  return call_csr_spmm(feature_major(x), row_ptr, col_idx, values, std::nullopt, bias);
+  return call_csr_spmm(feature_major(x), row_ptr, col_idx, used_values(values, col_idx), std::nullopt, bias);
 }
 
 // The active weights of a dense `weight` at its mask's nonzeros, in CSR order.
@@ -158,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward(const at::Tensor& grad, c
                                                        const at::Tensor& col_idx, const at::Tensor& col_ptr,
                                                        const at::Tensor& row_idx, const at::Tensor& perm) {
   check_csr_linear_backward_args(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm);
-  return {call_csr_spmm(grad, col_ptr, row_idx, values, perm, std::nullopt),
-          call_csr_sddmm(grad, x, row_ptr, col_idx)};
+  return {call_csr_spmm(grad, col_ptr, row_idx, used_values(values, col_idx), perm, std::nullopt),
+          pad_to_slots(call_csr_sddmm(grad, x, row_ptr, col_idx), values.numel())};
 }
 
 // transpose_contiguous, the layout change the layer ops' inputs go through, on
@@ -200,9 +210,9 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
       std::tie(grad_x, grad_values) =
           call_csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm);
     } else if (want_x) {
-      grad_x = call_csr_spmm(grad, col_ptr, row_idx, values, perm, std::nullopt);
+      grad_x = call_csr_spmm(grad, col_ptr, row_idx, used_values(values, col_idx), perm, std::nullopt);
     } else if (want_values) {
-      grad_values = call_csr_sddmm(grad, x, row_ptr, col_idx);
+      grad_values = pad_to_slots(call_csr_sddmm(grad, x, row_ptr, col_idx), values.numel());
     }
     if (want_bias) grad_bias = grad.sum(0);
     grad_x = in_layout_of_input(grad_x, ctx->saved_data["x_feature_major"].toBool());
@@ -278,6 +288,15 @@ at::Tensor transpose_contiguous_autograd(const at::Tensor& x) {
 }
 
 }  // namespace
+
+at::Tensor pad_to_slots(const at::Tensor& grad_values, int64_t slots) {
+  const int64_t nnz = grad_values.numel();
+  if (slots == nnz) return grad_values;
+  at::Tensor out = at::empty({slots}, grad_values.options());
+  out.narrow(0, 0, nnz).copy_(grad_values);
+  out.narrow(0, nnz, slots - nnz).zero_();
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(sparsemom, CompositeExplicitAutograd, m) {
   m.impl("csr_linear", &csr_linear);

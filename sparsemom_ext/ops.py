@@ -297,7 +297,8 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
     ``row_idx`` and ``perm`` in range), not ``col_idx``'s; that the two structures agree, and
     that ``perm`` is a permutation, is the caller's to keep (as for :func:`csr_linear`):
     pass what :func:`csr_transpose` returned. ``grad_x`` is ``(batch, in_features)``
-    feature-major, ``grad_values`` ``(nnz,)`` in CSR order.
+    feature-major, ``grad_values`` has one entry per entry of ``values`` in CSR order:
+    ``values`` may have idle slots past nnz (as :func:`csr_linear`'s), whose gradient is 0.
     """
     return torch.ops.sparsemom.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
 
@@ -315,7 +316,9 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     ``(col_ptr, row_idx, perm)`` is ``csr_transpose(row_ptr, col_idx, in_features)``:
     the gradient of ``x`` is :func:`csr_spmm` on it, the gradient of ``values``
     :func:`csr_sddmm`. Leading dimensions of ``x`` are flattened into the batch; the result
-    is ``(*, n_rows)``, feature-major in memory. The op makes ``x`` feature-major once
+    is ``(*, n_rows)``, feature-major in memory. ``values`` may have idle slots past the
+    structure's nnz (a :class:`~sparsemom_ext.nn.CsrLinear`'s fixed capacity): they are
+    not read and their gradient is 0. The op makes ``x`` feature-major once
     (``transpose_contiguous``; nothing when it already is, as a csr layer's output is)
     for the forward and the backward's SDDMM, and hands the gradient of ``x`` back in
     ``x``'s own layout.
@@ -384,9 +387,16 @@ def _csr_transpose_fake(row_ptr, col_idx, n_cols):
             col_idx.new_empty(col_idx.shape))
 
 
+def _check_slots(values, col_idx):
+    torch._check(values.dim() == 1 and values.shape[0] >= col_idx.shape[0],
+                 lambda: f"values must be 1-D with one entry per nonzero ({col_idx.numel()}) and possibly idle "
+                         f"slots after them, got shape {tuple(values.shape)}")
+
+
 @torch.library.register_fake("sparsemom::csr_linear")
 def _csr_linear_fake(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm):
-    return _csr_spmm_fake(x, row_ptr, col_idx, values, None, bias)
+    _check_slots(values, col_idx)
+    return _csr_spmm_fake(x, row_ptr, col_idx, values.new_empty(col_idx.shape), None, bias)
 
 
 @torch.library.register_fake("sparsemom::masked_linear")
@@ -407,5 +417,6 @@ def _csr_linear_backward_fake(grad, x, values, row_ptr, col_idx, col_ptr, row_id
     torch._check(x.dim() == 2, lambda: f"x must be 2-D (batch, features), got shape {tuple(x.shape)}")
     torch._check(x.shape[1] == col_ptr.shape[0] - 1,
                  lambda: f"x must have in_features = {col_ptr.shape[0] - 1} columns, got shape {tuple(x.shape)}")
-    return (_csr_spmm_fake(grad, col_ptr, row_idx, values, perm, None),
-            _csr_sddmm_fake(grad, x, row_ptr, col_idx))
+    _check_slots(values, col_idx)
+    return (_csr_spmm_fake(grad, col_ptr, row_idx, values.new_empty(col_idx.shape), perm, None),
+            values.new_empty(values.shape))

@@ -203,10 +203,11 @@ def csr_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int):
 
 def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
                col_ptr: Tensor, row_idx: Tensor, perm: Tensor) -> Tensor:
-    """Differentiable in x, values and bias (plain torch autograd)."""
+    """Differentiable in x, values and bias (plain torch autograd); entries of ``values`` past
+    the nnz are idle slots (not read, gradient 0)."""
     rows = _row_of_each_nonzero(row_ptr)
     weight = torch.zeros(row_ptr.numel() - 1, x.shape[-1], dtype=values.dtype, device=values.device)
-    weight = weight.index_put((rows, col_idx.long()), values, accumulate=True)
+    weight = weight.index_put((rows, col_idx.long()), values[: col_idx.numel()], accumulate=True)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -227,6 +228,9 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
                         col_ptr: Tensor, row_idx: Tensor, perm: Tensor):
     """(grad of x, grad of values) of ``y = x @ W.T``, from the dense weight, independently of
     the transposed structure (which must describe the same matrix)."""
-    weight = _csr_dense_opmath(row_ptr, col_idx, values, x.shape[1])
+    nnz = col_idx.numel()
+    weight = _csr_dense_opmath(row_ptr, col_idx, values[:nnz], x.shape[1])
     grad_x = (_opmath(grad) @ weight).to(grad.dtype)
-    return grad_x, csr_sddmm(grad, x, row_ptr, col_idx)
+    grad_values = torch.zeros_like(values)
+    grad_values[:nnz] = csr_sddmm(grad, x, row_ptr, col_idx)
+    return grad_x, grad_values

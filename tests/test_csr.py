@@ -650,6 +650,39 @@ def test_csr_linear_empty_batch_backward(device):
     assert torch.equal(bias.grad, torch.zeros(7, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wants", ["x_and_values", "values", "x"])
+def test_csr_linear_reads_the_used_slots_and_gives_idle_slots_zero_gradient(device, wants):
+    # A CsrLinear passes all its value slots; those past nnz are idle.
+    structure = tuple(t.to(device) for t in linear_structure())
+    g = seeded(19)
+    exact = torch.randn(9, generator=g).to(device)
+    slots = torch.cat([exact, torch.full((5,), 7.0, device=device)])  # idle slots must not be read
+    x = torch.randn(6, 9, generator=g).to(device)
+    grad_y = torch.randn(6, 7, generator=g).to(device)
+    results = []
+    for values in (exact, slots):
+        v = values.clone().requires_grad_(wants != "x")
+        xr = x.clone().requires_grad_(wants != "values")
+        y = ops.csr_linear(xr, v, None, *structure)
+        y.backward(grad_y)
+        results.append((y, xr.grad, v.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    if wants != "values":
+        torch.testing.assert_close(results[1][1], results[0][1])
+    if wants != "x":
+        assert results[1][2].shape == (14,)
+        torch.testing.assert_close(results[1][2][:9], results[0][2])
+        assert not results[1][2][9:].any()
+    grad_x, grad_values = ops.csr_linear_backward(grad_y, x, slots, *structure)
+    expected_x, expected_values = reference.csr_linear_backward(grad_y, x, slots, *structure)
+    torch.testing.assert_close(grad_x, expected_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_values, expected_values, rtol=1e-5, atol=1e-5)
+    assert grad_values.shape == (14,) and not grad_values[9:].any()
+    with pytest.raises(ValueError, match="values must be 1-D with one entry per nonzero"):
+        ops.csr_linear(x, exact[:8], None, *structure)
+
+
 # --------------------------------------------------------------------------- masked_linear
 def masked_weight(device="cpu", g=None, dtype=torch.float32):
     """A 7 x 9 dense weight, zero off a canonical structure, and the structure's flat indices."""
@@ -799,6 +832,10 @@ def _opcheck_samples(device):
     yield torch.ops.sparsemom.csr_linear.default, (
         r(4, 9, dtype=f64).requires_grad_(), r(9, dtype=f64).requires_grad_(), None,
         row_ptr, col_idx, col_ptr, row_idx, perm)
+    yield torch.ops.sparsemom.csr_linear.default, (  # idle value slots past the nnz
+        r(4, 9).requires_grad_(), r(12).requires_grad_(), None, row_ptr, col_idx, col_ptr, row_idx, perm)
+    yield torch.ops.sparsemom.csr_linear_backward.default, (
+        r(6, 7), r(6, 9), r(12), row_ptr, col_idx, col_ptr, row_idx, perm)
     weight, flat_index = masked_weight(device, g)
     structure = masked_structure(weight)
     yield torch.ops.sparsemom.masked_linear.default, (
@@ -809,7 +846,7 @@ def _opcheck_samples(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    assert run_opcheck(_opcheck_samples(device)) == 13
+    assert run_opcheck(_opcheck_samples(device)) == 15
 
 
 # --------------------------------------------------------------------------- bad input

@@ -633,8 +633,8 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward_cpu(const at::Tensor& gra
   check_csr_linear_backward_args(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm);
   const int64_t batch = grad.size(0), n_out = grad.size(1), n_in = x.size(1), nnz = col_idx.numel();
   if (grad.scalar_type() != at::kFloat || batch == 0 || nnz == 0) {
-    return {csr_spmm_cpu(grad, col_ptr, row_idx, values, perm, std::nullopt),
-            csr_sddmm_cpu(grad, x, row_ptr, col_idx)};
+    return {csr_spmm_cpu(grad, col_ptr, row_idx, values.narrow(0, 0, nnz), perm, std::nullopt),
+            pad_to_slots(csr_sddmm_cpu(grad, x, row_ptr, col_idx), values.numel())};
   }
   const at::Tensor rp = row_ptr.contiguous(), cp = col_ptr.contiguous(), ri = row_idx.contiguous(),
                    pm = perm.contiguous(), vals = values.contiguous();
@@ -643,7 +643,9 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward_cpu(const at::Tensor& gra
   // row_idx and perm are validated by the kernel; col_idx is not read (perm maps onto it).
   const at::Tensor gt = transposed_contiguous(grad), xt = transposed_contiguous(x);
   at::Tensor gxt = at::empty({n_in, batch}, grad.options());
-  at::Tensor grad_values = at::empty({nnz}, grad.options());
+  // One entry per slot of values: the kernel writes the nonzeros', idle slots get 0.
+  at::Tensor grad_values = at::empty({values.numel()}, grad.options());
+  grad_values.narrow(0, nnz, values.numel() - nnz).zero_();
   const int32_t* cp_p = cp.data_ptr<int32_t>();
   const BackwardArgs args{cp_p, ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), vals.data_ptr<float>(),
                           gt.data_ptr<float>(), xt.data_ptr<float>(), gxt.data_ptr<float>(),

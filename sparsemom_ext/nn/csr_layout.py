@@ -266,8 +266,11 @@ class CsrLinear(nn.Module):
                              f"got shape {tuple(input.shape)}")
         if input.dtype != self.values.dtype:
             raise TypeError(f"input must have the layer's dtype {self.values.dtype}, got {input.dtype}")
+        # All the value slots: csr_linear reads the first nnz and gives the idle ones a zero
+        # gradient. A slice here would cost its backward a zero fill and a copy of every slot
+        # (16 ms a step on 4096 x 4096 at 5%, batch 128, where the layer takes 48 ms).
         n = self.nnz
-        return ops.csr_linear(input, self.values[:n], self.bias, self.row_ptr, self.col_idx[:n], self.col_ptr,
+        return ops.csr_linear(input, self.values, self.bias, self.row_ptr, self.col_idx[:n], self.col_ptr,
                               self.row_idx[:n], self.perm[:n])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
