@@ -234,7 +234,7 @@ class SparseMomentum:
         values = [w.active_values(f) for w, f in zip(self.weights, flats)]
         plan = self._plan_global if self.options.scope == "global" else self._plan_layers
         keeps, grown, n_prune, shares = plan(rate, flats, values, pools)
-        commits = [_relayout(f, k, g, s) for f, k, (g, s) in zip(flats, keeps, grown)]
+        commits = [_relayout(f, k, g, s, p.may_regrow) for f, k, (g, s), p in zip(flats, keeps, grown, pools)]
         records = []
         for w, (layout, grown_state), share, k, (g, _) in zip(self.weights, commits, shares, n_prune, grown):
             w.commit(layout, self.optimizer.state.get(w.param, {}), grown_state)
@@ -351,10 +351,12 @@ def _at_most(count: int, limit: Optional[int]) -> int:
     return count if limit is None else min(count, limit)
 
 
-def _relayout(flat, keep, grown_flat, grown_state):
+def _relayout(flat, keep, grown_flat, grown_state, may_regrow: bool):
     """The relayout of one layer, and its grown weights' starting state. A weight pruned
     and regrown in the same update stays as it was, value and optimizer state (in the
     mask layout its mask bit ends up unchanged)."""
+    if not may_regrow:  # candidates were inactive before pruning: all of them are new
+        return relayout_plan(flat, keep, grown_flat), grown_state
     regrown = torch.isin(grown_flat, flat)
     if bool(regrown.any()):
         keep = keep.clone()

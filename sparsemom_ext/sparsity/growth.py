@@ -56,9 +56,11 @@ def _dense_from_flat(flat: torch.Tensor, shape, device) -> torch.Tensor:
 
 class GrowthPool:
     """Where one layer may grow at one update. ``limit``: the most it can grow (None: no
-    limit but its free positions), known before pruning so the layer prunes no more."""
+    limit but its free positions), known before pruning so the layer prunes no more.
+    ``may_regrow``: whether it may choose a position pruned in the same update."""
 
     limit: Optional[int] = None
+    may_regrow = True
 
     def select(self, kept_flat: torch.Tensor, k: int) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
         """The ``k`` positions to grow (sorted flat indices, none in ``kept_flat``) and the
@@ -77,6 +79,7 @@ class CandidatePool(GrowthPool):
     positions: torch.Tensor
     score: torch.Tensor
     start_state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    may_regrow = False
 
     @property
     def limit(self) -> int:
