@@ -268,7 +268,7 @@ class CsrLinear(nn.Module):
             raise TypeError(f"input must have the layer's dtype {self.values.dtype}, got {input.dtype}")
         # All the value slots: csr_linear reads the first nnz and gives the idle ones a zero
         # gradient. A slice here would cost its backward a zero fill and a copy of every slot
-        # (16 ms a step on 4096 x 4096 at 5%, batch 128, where the layer takes 48 ms).
+        # (4% of a 4096 x 4096 layer's forward + backward at 5%, batch 128).
         n = self.nnz
         return ops.csr_linear(input, self.values, self.bias, self.row_ptr, self.col_idx[:n], self.col_ptr,
                               self.row_idx[:n], self.perm[:n])
