@@ -32,17 +32,20 @@ from .ops import (  # noqa: E402
 )
 from .sparsity import SparseMomentum, attach_mask, detach_mask, mask_of  # noqa: E402
 from . import nn  # noqa: E402
-from .nn import CsrLinear, SparseConv2d, SparseLinear, density_report, sparsify  # noqa: E402
+from .nn import (CsrLinear, SparseConv2d, SparseLinear, SparseMultiheadAttention, densify,  # noqa: E402
+                 density_report, sparsify)
 
 __all__ = [
     "CsrLinear",
     "SparseConv2d",
     "SparseLinear",
     "SparseMomentum",
+    "SparseMultiheadAttention",
     "__version__",
     "attach_mask",
     "build_info",
     "data",
+    "densify",
     "density_report",
     "detach_mask",
     "fused_adam_step_",

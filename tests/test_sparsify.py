@@ -188,30 +188,38 @@ def test_density_report_numbers_and_table():
     report = density_report(model)
     assert isinstance(report, DensityReport)
     names = ["features.0", "features.4", "fc1", "fc2"]
-    assert [r.name for r in report.rows] == names
+    # Every weight of the model is counted: the excluded fc3 as a dense row (the
+    # BatchNorm's 1-D scale is no weight matrix and is not).
+    assert [r.name for r in report.rows] == names + ["fc3"]
     modules = dict(model.named_modules())
-    for row in report.rows:
+    for row in report.rows[:-1]:
         layer = modules[row.name]
-        assert row.kind == type(layer).__name__
+        assert row.kind == type(layer).__name__ and row.sparse
         assert row.shape == tuple(layer.weight.shape)
         assert row.nnz == int(layer.mask.sum()) and row.numel == layer.weight.numel()
         assert row.density == pytest.approx(row.nnz / row.numel)
+    fc3 = report.rows[-1]
+    assert (fc3.kind, fc3.sparse, fc3.nnz, fc3.numel, fc3.density) == ("Linear", False, 840, 840, 1.0)
     numel = sum(modules[n].weight.numel() for n in names)
-    assert report.total.nnz == round(0.1 * numel) and report.total.numel == numel
-    assert report.total_density == pytest.approx(round(0.1 * numel) / numel)
+    assert report.total.nnz == round(0.1 * numel) + 840 and report.total.numel == numel + 840
+    assert report.total_density == pytest.approx((round(0.1 * numel) + 840) / (numel + 840))
     text = str(report)
-    for name in names + ["total", "SparseConv2d", "SparseLinear", "6x1x5x5"]:
+    for name in names + ["total", "SparseConv2d", "SparseLinear", "6x1x5x5", "fc3", "Linear (dense)"]:
         assert name in text
-    assert "fc3" not in text
     lines = text.splitlines()
     assert len({len(line) for line in lines if not line.startswith("-")}) <= 2  # aligned columns
     assert report.to_dict()["total"]["nnz"] == report.total.nnz
 
 
-def test_density_report_without_sparse_layers():
-    report = density_report(make_net())
-    assert report.rows == () and report.total.numel == 0 and report.total_density == 0.0
-    assert "no sparse layers" in str(report)
+def test_density_report_of_a_dense_model_is_all_dense_rows():
+    model = make_net()
+    report = density_report(model)
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    assert len(report.rows) == len(weights) and not any(r.sparse for r in report.rows)
+    assert report.total.numel == sum(p.numel() for p in weights) and report.total_density == 1.0
+    empty = density_report(nn.Sequential(nn.ReLU()))
+    assert empty.rows == () and empty.total.numel == 0 and empty.total_density == 0.0
+    assert "no weights" in str(empty)
 
 
 # ---------------------------------------------------------------- to_layout / sparsify(layout="csr")

@@ -7,11 +7,16 @@
 - :func:`sparsify`: convert a model's Linear/Conv2d layers at a global density with a
   uniform / er / erk distribution, in either layout;
 - :func:`to_layout`: one layer in the other layout, computing the same function;
-- :func:`density_report`: per-layer and total active-weight counts.
+- :class:`SparseMultiheadAttention`: ``nn.MultiheadAttention`` with masked input projections;
+- :func:`density_report`: per-weight and total active-weight counts of the whole model;
+- :func:`densify`: a plain torch copy of a sparse model; :func:`sparse_csr_weight`: a
+  layer's weight as a ``torch.sparse_csr_tensor``.
 """
 
+from .attention import SparseMultiheadAttention
 from .convert import DensityReport, DensityRow, density_report, sparsify, to_layout
 from .csr_layout import CsrLinear
+from .export import densify, sparse_csr_weight
 from .mask_layout import LAYOUTS, SparseConv2d, SparseLinear
 
 __all__ = [
@@ -21,7 +26,10 @@ __all__ = [
     "DensityRow",
     "SparseConv2d",
     "SparseLinear",
+    "SparseMultiheadAttention",
+    "densify",
     "density_report",
+    "sparse_csr_weight",
     "sparsify",
     "to_layout",
 ]

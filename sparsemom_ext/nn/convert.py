@@ -1,6 +1,7 @@
 """sparsify(): turn a model's Linear/Conv2d layers into sparse ones; to_layout(); density_report()."""
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple, Union
 
@@ -8,13 +9,22 @@ import torch
 from torch import nn
 
 from ..sparsity.init import check_density, check_distribution, check_generator, layer_counts
+from ..sparsity.masks import mask_of
+from .attention import SparseMultiheadAttention, projection_weight_names
 from .csr_layout import CsrLinear, default_capacity
 from .mask_layout import SparseConv2d, SparseLinear, check_layout
 
 __all__ = ["DensityReport", "DensityRow", "density_report", "sparsify", "to_layout"]
 
-_SPARSE_FOR = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
-_SPARSE_TYPES = (SparseLinear, SparseConv2d, CsrLinear)
+_SPARSE_FOR = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d, nn.MultiheadAttention: SparseMultiheadAttention}
+_SPARSE_TYPES = (SparseLinear, SparseConv2d, CsrLinear, SparseMultiheadAttention)
+#: The attribute of a converted layer that records the torch class it replaced, so that
+#: densify() gives back that class (MultiheadAttention's out_proj is a
+#: NonDynamicallyQuantizableLinear, not an nn.Linear).
+DENSE_CLASS_ATTR = "_sparsemom_dense_class"
+#: The attribute of a TransformerEncoder(Layer) whose fused fast path sparsify() turned
+#: off (a dict of the attributes it changed and their old values), for densify() to restore.
+FAST_PATH_ATTR = "_sparsemom_fast_path"
 
 
 def _normalise_exclude(exclude) -> Tuple[set, tuple]:
@@ -37,7 +47,7 @@ def _normalise_exclude(exclude) -> Tuple[set, tuple]:
 
 
 def _sparse_class(module: nn.Module) -> Optional[type]:
-    """The mask-layout class for a layer sparsify() converts, else None."""
+    """The mask-layout class for a module sparsify() converts, else None."""
     if isinstance(module, _SPARSE_TYPES):
         return None
     for dense_cls, sparse_cls in _SPARSE_FOR.items():
@@ -46,16 +56,65 @@ def _sparse_class(module: nn.Module) -> Optional[type]:
     return None
 
 
+def _dense_base(module: nn.Module) -> type:
+    return next(cls for cls in _SPARSE_FOR if isinstance(module, cls))
+
+
+def _weight_names(module: nn.Module) -> Tuple[str, ...]:
+    """The parameters of a converted module that become sparse."""
+    if isinstance(module, nn.MultiheadAttention):
+        return projection_weight_names(module)
+    return ("weight",)
+
+
+def _read_as_weight(model: nn.Module) -> dict:
+    """``id(linear) -> reader`` for the linear layers torch code reads as ``.weight``
+    instead of calling them: MultiheadAttention's ``out_proj`` (in every forward)."""
+    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _turn_off_fast_paths(model: nn.Module) -> None:
+    """Keep torch's fused transformer fast paths, which read ``linear1.weight`` and
+    ``linear2.weight`` (eval mode without grad), off for layers holding a CsrLinear.
+
+    TransformerEncoderLayer takes its fast path only for a relu/gelu activation
+    (``activation_relu_or_gelu``, read nowhere else), TransformerEncoder its nested-tensor
+    path only with ``use_nested_tensor``; both then fall back to the modules' own forwards.
+    The old values are kept for densify()."""
+    def has_csr(layer):
+        return isinstance(getattr(layer, "linear1", None), CsrLinear) or \
+            isinstance(getattr(layer, "linear2", None), CsrLinear)
+
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and has_csr(module):
+            changes = {"activation_relu_or_gelu": 0}
+        elif isinstance(module, nn.TransformerEncoder) and any(has_csr(layer) for layer in module.layers):
+            changes = {"use_nested_tensor": False}
+        else:
+            continue
+        saved = module.__dict__.setdefault(FAST_PATH_ATTR, {})
+        for attr, value in changes.items():
+            saved.setdefault(attr, getattr(module, attr))
+            setattr(module, attr, value)
+
+
 def sparsify(model: nn.Module, density: float, distribution: str = "uniform", layout: str = "mask",
              exclude: Iterable[Union[str, type]] = (), generator: Optional[torch.Generator] = None) -> nn.Module:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a sparse layer, in place.
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` of ``model`` by a sparse layer, in place.
 
     Each converted layer is ``SparseLinear.from_dense`` / ``SparseConv2d.from_dense`` of
     the original (its weight values kept at active positions, its bias, device, dtype
     and train/eval mode); with ``layout="csr"`` each SparseLinear then becomes a
     :class:`~sparsemom_ext.nn.CsrLinear` (the same function, stored always-sparse) with
-    ``default_capacity(nnz, numel, model_nnz)`` value slots. The active counts come from
-    :func:`sparsemom_ext.sparsity.init.layer_counts` over all converted layers together,
+    ``default_capacity(nnz, numel, model_nnz)`` value slots. An ``nn.MultiheadAttention``
+    becomes a :class:`~sparsemom_ext.nn.SparseMultiheadAttention` (its input projection
+    weights masked, its ``out_proj`` converted like any linear layer). Attention reads its
+    weights as tensors (``in_proj_weight``, ``out_proj.weight``), so with ``layout="csr"``
+    they stay in the mask layout, still sparse, with a warning naming them; torch's fused
+    TransformerEncoder(Layer) fast paths, which read ``linear1.weight``, are turned off
+    for layers holding a CsrLinear (they run their modules' forwards instead). The
+    active counts come from
+    :func:`sparsemom_ext.sparsity.init.layer_counts` over all converted weights together,
     so ``distribution`` ("uniform", "er", "erk") shapes the per-layer densities and the
     converted layers hold exactly ``round(density * their total weights)`` active
     weights. Masks are drawn layer by layer in ``named_modules()`` order from
@@ -120,18 +179,19 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
             if p is not None:
                 owners.setdefault(id(p), set()).add(id(module))
     for name, module in layers:
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        dense_cls = _dense_base(module)
+        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
             raise ValueError(
                 f"{name or 'model'} is a lazy {type(module).__name__} whose shape is not known yet: "
                 "run one forward pass before sparsify()"
             )
-        dense_cls = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
         if type(module).forward is not dense_cls.forward:
             raise ValueError(
                 f"{name or 'model'} is a {type(module).__name__} with its own forward, which a sparse "
                 f"{dense_cls.__name__} would not reproduce; pass it in exclude to keep it dense"
             )
-        for pname in ("weight", "bias"):
+        pnames = ("weight", "bias") if dense_cls is not nn.MultiheadAttention else tuple(module._parameters)
+        for pname in pnames:
             p = getattr(module, pname)
             if p is not None and len(owners.get(id(p), ())) > 1:
                 raise ValueError(
@@ -139,6 +199,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
                     "would untie it; pass the layer in exclude to keep it dense"
                 )
 
+    read_as_weight = _read_as_weight(model)
     if layout == "csr":
         convs = [name or "model" for name, module in layers if isinstance(module, nn.Conv2d)]
         if convs:
@@ -147,19 +208,49 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
                 f"{'is an nn.Conv2d' if len(convs) == 1 else 'are nn.Conv2d'}: pass "
                 f"{'it' if len(convs) == 1 else 'them'} in exclude, or use layout='mask'"
             )
-    counts = layer_counts([module.weight.shape for _, module in layers], density, distribution)
+        in_mask = [name for name, module in layers if id(module) in read_as_weight]
+        read = in_mask + [f"{name}.{pname}" for name, module in layers if isinstance(module, nn.MultiheadAttention)
+                          for pname in _weight_names(module)]
+        if read:
+            warnings.warn(
+                f"sparsify(layout='csr'): {', '.join(read)} {'is' if len(read) == 1 else 'are'} read by "
+                "nn.MultiheadAttention as dense weight tensors (in_proj_weight, out_proj.weight), which a "
+                "CsrLinear does not have: they are sparse in the mask layout instead (the engine trains both "
+                "layouts together); exclude nn.MultiheadAttention to keep them dense",
+                stacklevel=2,
+            )
+    else:
+        in_mask = []
+    # One count per sparse weight (an attention layer has up to three), over all of them.
+    units = [(name, module, pname) for name, module in layers for pname in _weight_names(module)]
+    counts = layer_counts([getattr(module, pname).shape for _, module, pname in units], density, distribution)
+    count_of = {(id(module), pname): count for (_, module, pname), count in zip(units, counts)}
     replacement = {}
-    for (name, module), count in zip(layers, counts):
-        sparse = _sparse_class(module)._wrap(module, count, generator)
-        if layout == "csr":
-            sparse = to_layout(sparse, "csr", capacity=default_capacity(count, module.weight.numel(), sum(counts)))
+    for name, module in layers:
+        sparse_cls = _sparse_class(module)
+        if sparse_cls is SparseMultiheadAttention:
+            sparse = sparse_cls.from_dense(
+                module, {pname: count_of[id(module), pname] for pname in _weight_names(module)}, generator)
+        else:
+            count = count_of[id(module), "weight"]
+            sparse = sparse_cls._wrap(module, count, generator)
+            if layout == "csr" and name not in in_mask:
+                sparse = to_layout(sparse, "csr",
+                                   capacity=default_capacity(count, module.weight.numel(), sum(counts)))
+        sparse.__dict__[DENSE_CLASS_ATTR] = type(module)
         replacement[id(module)] = sparse
+    # A converted attention layer took the old out_proj: give it the converted one.
+    for sparse in replacement.values():
+        if isinstance(sparse, SparseMultiheadAttention) and id(sparse.out_proj) in replacement:
+            sparse.out_proj = replacement[id(sparse.out_proj)]
 
-    for parent in model.modules():
+    for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacement:
                 parent._modules[child_name] = replacement[id(child)]
-    return replacement.get(id(model), model)
+    model = replacement.get(id(model), model)
+    _turn_off_fast_paths(model)
+    return model
 
 
 def to_layout(layer: nn.Module, layout: str, *, capacity: Optional[int] = None) -> nn.Module:
@@ -177,14 +268,25 @@ def to_layout(layer: nn.Module, layout: str, *, capacity: Optional[int] = None) 
         raise ValueError("layout='csr' is implemented for linear layers only; a SparseConv2d stays in the "
                          "mask layout")
     if layout == "csr":
-        return CsrLinear.from_mask_layer(layer, capacity=capacity)
-    return SparseLinear.from_weight_and_mask(layer.dense_weight(), layer.mask, layer.bias,
-                                             requires_grad=layer.values.requires_grad, training=layer.training)
+        return _keep_dense_class(layer, CsrLinear.from_mask_layer(layer, capacity=capacity))
+    new = SparseLinear.from_weight_and_mask(layer.dense_weight(), layer.mask, layer.bias,
+                                            requires_grad=layer.values.requires_grad, training=layer.training)
+    return _keep_dense_class(layer, new)
+
+
+def _keep_dense_class(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new``, recording the torch class ``old`` replaced (if sparsify recorded one)."""
+    if DENSE_CLASS_ATTR in old.__dict__:
+        new.__dict__[DENSE_CLASS_ATTR] = old.__dict__[DENSE_CLASS_ATTR]
+    return new
 
 
 @dataclass(frozen=True)
 class DensityRow:
-    """One line of a :class:`DensityReport`: a sparse layer, or the total."""
+    """One line of a :class:`DensityReport`: a weight of the model, or the total.
+
+    ``sparse``: whether the weight is sparse (a mask or the csr layout); a dense weight
+    has ``nnz == numel``."""
 
     name: str
     kind: str
@@ -192,16 +294,23 @@ class DensityRow:
     nnz: int
     numel: int
     density: float
+    sparse: bool = True
 
 
 @dataclass(frozen=True)
 class DensityReport:
-    """The active-weight counts of a model's sparse layers.
+    """The active-weight counts of every weight of a model.
 
-    ``rows``: one :class:`DensityRow` per sparse layer (SparseLinear, SparseConv2d, CsrLinear), in
-    ``named_modules()`` order; ``total``: their sums (name ``"total"``);
-    ``total_density``: ``total.nnz / total.numel`` (0.0 without sparse layers).
-    Counts are those of the masks. ``str(report)`` is an aligned table.
+    ``rows``: one :class:`DensityRow` per weight, in ``named_modules()`` order: the
+    sparse ones (SparseLinear, SparseConv2d, CsrLinear, the projections of a
+    SparseMultiheadAttention, any parameter given a mask with
+    :func:`sparsemom_ext.attach_mask`) and the dense ones (every other parameter of at
+    least two dimensions: the weights of dense Linear, Conv, Embedding, attention layers;
+    biases and norm scales are not counted). A module's ``weight`` is named by the module,
+    another parameter by its full name (``"layers.0.self_attn.in_proj_weight"``).
+    ``total``: their sums (name ``"total"``); ``total_density``: ``total.nnz /
+    total.numel``, the model's density (0.0 without weights). ``str(report)`` is an
+    aligned table.
     """
 
     rows: Tuple[DensityRow, ...]
@@ -209,20 +318,21 @@ class DensityReport:
 
     @property
     def total_density(self) -> float:
-        """Active weights over all weights of the sparse layers."""
+        """Active weights over all weights of the model."""
         return self.total.density
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``{"layers": [...], "total": {...}}``."""
         def row(r):
             return {"name": r.name, "kind": r.kind, "shape": list(r.shape), "nnz": r.nnz,
-                    "numel": r.numel, "density": r.density}
+                    "numel": r.numel, "density": r.density, "sparse": r.sparse}
         return {"layers": [row(r) for r in self.rows], "total": row(self.total)}
 
     def __str__(self) -> str:
         header = ("name", "kind", "shape", "nnz", "numel", "density")
         lines = [
-            (r.name or "(model)", r.kind, "x".join(map(str, r.shape)), str(r.nnz), str(r.numel), f"{r.density:.4f}")
+            (r.name or "(model)", r.kind if r.sparse else f"{r.kind} (dense)", "x".join(map(str, r.shape)),
+             str(r.nnz), str(r.numel), f"{r.density:.4f}")
             for r in self.rows
         ]
         total = self.total
@@ -235,21 +345,37 @@ class DensityReport:
             return "  ".join(cells).rstrip()
 
         rule = "-" * len(fmt(header))
-        body = [fmt(line) for line in lines[:-1]] or ["(no sparse layers)"]
+        body = [fmt(line) for line in lines[:-1]] or ["(no weights)"]
         return "\n".join([fmt(header), rule, *body, rule, fmt(lines[-1])])
 
 
 def density_report(model: nn.Module) -> DensityReport:
-    """A :class:`DensityReport` of every sparse layer (SparseLinear, SparseConv2d, CsrLinear) in ``model``."""
+    """A :class:`DensityReport` of every weight of ``model``, sparse and dense."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     rows: List[DensityRow] = []
+    seen = set()  # a weight shared by two modules (tied) is one weight
+
+    def add(name, module, shape, nnz, sparse):
+        numel = math.prod(shape)
+        rows.append(DensityRow(name, type(module).__name__, tuple(shape), nnz, numel,
+                               nnz / numel if numel else 0.0, sparse))
+
     for name, module in model.named_modules():
-        if isinstance(module, _SPARSE_TYPES):
-            nnz, numel = module.nnz, math.prod(module.weight_shape)
-            rows.append(DensityRow(name, type(module).__name__, tuple(module.weight_shape), nnz, numel,
-                                   nnz / numel if numel else 0.0))
+        if isinstance(module, CsrLinear):
+            seen.add(id(module.values))
+            add(name, module, module.weight_shape, module.nnz, True)
+        for pname, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            row_name = name if pname == "weight" else (f"{name}.{pname}" if name else pname)
+            mask = mask_of(p)
+            if mask is not None:
+                add(row_name, module, p.shape, int(mask.count_nonzero()), True)
+            elif p.dim() >= 2:
+                add(row_name, module, p.shape, p.numel(), False)
     nnz = sum(r.nnz for r in rows)
     numel = sum(r.numel for r in rows)
-    total = DensityRow("total", "", (), nnz, numel, nnz / numel if numel else 0.0)
+    total = DensityRow("total", "", (), nnz, numel, nnz / numel if numel else 0.0, any(r.sparse for r in rows))
     return DensityReport(tuple(rows), total)
