@@ -36,6 +36,7 @@ import torch
 from ..csr_structure import relayout_plan
 from ..nn.csr_layout import CsrLinear
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
+from .distributed import rank_group_of
 from .masks import MaskingOptimizer
 from .options import EngineOptions
 from .schedule import PruneSchedule, apportion, prune_rate_at
@@ -120,6 +121,13 @@ class SparseMomentum:
             uniform ones for both ``gse`` and csr ``momentum``.
         window: steps over which csr-layout momentum growth accumulates its candidates'
             momentum before each update (shorter when updates are closer).
+        process_group: the torch.distributed group whose ranks train this model (default:
+            a DistributedDataParallel model's, else the default group once
+            torch.distributed is initialized). The growth signals built from each rank's
+            batches are reduced over it, so every rank makes the same update (the
+            reductions and their cost: :mod:`sparsemom_ext.sparsity.distributed`); every
+            rank must build the engine with the same arguments and ``seed``. FSDP is not
+            supported (a ValueError says so).
 
     GSE as in its paper: ``growth="gse", prune_rate=0.2, final_prune_rate=0.0,
     decay_end=0.6, update_every=1000, redistribution="none"`` (``scope="global"`` for
@@ -137,11 +145,12 @@ class SparseMomentum:
                  growth: str = "momentum", prune: str = "magnitude", redistribution: str = "momentum",
                  decay: str = "cosine", final_prune_rate: float = 0.005, seed: int = 0, *,
                  steps_per_epoch: Optional[int] = None, decay_end: float = 1.0, scope: str = "layer",
-                 candidates: float = 1.0, sampling: str = "grabo", window: int = 100):
+                 candidates: float = 1.0, sampling: str = "grabo", window: int = 100, process_group=None):
         self.options = EngineOptions(growth, prune, redistribution, scope, candidates, sampling, window)
         schedule = PruneSchedule(prune_rate, final_prune_rate, decay, total_steps, update_every, decay_end,
                                  steps_per_epoch)
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.ranks = rank_group_of(model, process_group)
         self.weights = find_views(model, optimizer)
         self.family = optimizer_family(optimizer)
         if self.options.needs_momentum:
@@ -154,8 +163,8 @@ class SparseMomentum:
                              f"layers when their topology changes and knows how for {SUPPORTED}; use one of "
                              "them, or the mask layout")
         self.generator = torch.Generator().manual_seed(seed)
-        sampler = CandidateSampler(sampling, self.options.candidates, self.generator)
-        self.growth_method = make_growth(growth, self.family, sampler, self.generator)
+        sampler = CandidateSampler(sampling, self.options.candidates, self.generator, self.ranks)
+        self.growth_method = make_growth(growth, self.family, sampler, self.generator, self.ranks)
         self._window_views = self.growth_method.window_layers(self.weights)
         self.steps = 0
         self.updates = 0
@@ -196,6 +205,7 @@ class SparseMomentum:
         if not isinstance(self.optimizer, MaskingOptimizer):  # the fused optimizers mask already
             for w in self.weights:
                 w.zero_inactive()
+        self.growth_method.before_update(self.weights)
         self.steps += 1
         if self.schedule.updates_at_step(self.steps):
             self.update()
@@ -229,12 +239,14 @@ class SparseMomentum:
         weights and optimizer state as they were.
         """
         rate = self.prune_rate()
+        self.growth_method.before_update(self.weights)
         flats = [w.active_flat() for w in self.weights]
         pools = [self.growth_method.pool(w, self._probes.get(w.name)) for w in self.weights]
         values = [w.active_values(f) for w, f in zip(self.weights, flats)]
         plan = self._plan_global if self.options.scope == "global" else self._plan_layers
         keeps, grown, n_prune, shares = plan(rate, flats, values, pools)
         commits = [_relayout(f, k, g, s, p.may_regrow) for f, k, (g, s), p in zip(flats, keeps, grown, pools)]
+        self.ranks.check_same_topology([w.name for w in self.weights], [plan.flat for plan, _ in commits])
         records = []
         for w, (layout, grown_state), share, k, (g, _) in zip(self.weights, commits, shares, n_prune, grown):
             w.commit(layout, self.optimizer.state.get(w.param, {}), grown_state)

@@ -24,6 +24,7 @@ import torch
 
 from .. import ops
 from ..csr_structure import structure_from_flat
+from .distributed import RankGroup
 from .sampling import grabo_factors, sample_inactive
 from .signals import OptimizerFamily
 from .views import BatchProbe, last_batch
@@ -132,10 +133,12 @@ class RandomPool(GrowthPool):
 class CandidateSampler:
     """Draws candidate positions among a layer's inactive ones: ``"uniform"``, or
     ``"grabo"`` (probability of (out i, in j) proportional to the summed |output gradient
-    i| times the summed |input j| of the last batch: an O(|S|) product distribution)."""
+    i| times the summed |input j| of the last batch: an O(|S|) product distribution).
+    Under torch.distributed the factors are summed over the ranks' batches, so every rank
+    draws the same candidates from the same generator."""
 
-    def __init__(self, sampling: str, gamma: float, generator: torch.Generator):
-        self.sampling, self.gamma, self.generator = sampling, gamma, generator
+    def __init__(self, sampling: str, gamma: float, generator: torch.Generator, ranks: RankGroup):
+        self.sampling, self.gamma, self.generator, self.ranks = sampling, gamma, generator, ranks
 
     def needs_batches(self) -> bool:
         return self.sampling == "grabo"
@@ -146,6 +149,7 @@ class CandidateSampler:
         if self.sampling == "grabo":
             x, grad_out = last_batch(probe, view.name)
             factors = grabo_factors(view.module, x, grad_out)
+            self.ranks.sum_(factors)
         return sample_inactive(view.n_rows, view.n_cols, flat.cpu(), count, self.generator, *factors).to(flat.device)
 
 
@@ -154,8 +158,9 @@ class Growth:
 
     name: str
 
-    def __init__(self, family: Optional[OptimizerFamily], sampler: CandidateSampler, generator: torch.Generator):
-        self.family, self.sampler, self.generator = family, sampler, generator
+    def __init__(self, family: Optional[OptimizerFamily], sampler: CandidateSampler, generator: torch.Generator,
+                 ranks: RankGroup):
+        self.family, self.sampler, self.generator, self.ranks = family, sampler, generator, ranks
         # Candidate windows, by layer name: open between a window's start and the update
         # that consumes them (csr momentum only; the engine drives them).
         self.windows: Dict[str, "CandidateWindow"] = {}
@@ -166,6 +171,22 @@ class Growth:
 
     def pool(self, view, probe: Optional[BatchProbe]) -> GrowthPool:
         raise NotImplementedError
+
+    def batch_gradient(self, view, probe: Optional[BatchProbe], positions: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """The weight gradient of the last batch at ``positions`` (None: dense), the same on
+        every rank: a mask-layout weight's gradient is DDP's average already, a csr layer's
+        is computed from this rank's batch and averaged here."""
+        if positions is None:
+            grad = view.dense_batch_gradient(probe)
+        else:
+            grad = view.batch_gradient_at(probe, positions)
+        if not view.dense_gradient:
+            self.ranks.mean_([grad])
+        return grad
+
+    def before_update(self, views) -> None:
+        """Called by the engine with its layer views after each step and before each update."""
 
     def window_layers(self, views) -> list:
         """The views that accumulate candidate windows."""
@@ -211,7 +232,7 @@ class GradientGrowth(Growth):
         if view.dense_gradient and view.param.grad is None:
             raise RuntimeError(f"growth='gradient' needs the gradient of {view.name!r}, which is None: update "
                                "before optimizer.zero_grad()")
-        return DenseScorePool(view.dense_batch_gradient(probe))
+        return DenseScorePool(self.batch_gradient(view, probe))
 
 
 class GseGrowth(Growth):
@@ -222,18 +243,20 @@ class GseGrowth(Growth):
 
     def pool(self, view, probe):
         positions = self.sampler.draw(view, view.active_flat(), probe)
-        return CandidatePool(positions, view.batch_gradient_at(probe, positions))
+        return CandidatePool(positions, self.batch_gradient(view, probe, positions))
 
 
 @dataclass
 class CandidateWindow:
     """One csr layer's candidate set (sorted flat indices and their CSR structure, for the
-    SDDMM) and the momentum state accumulated for them."""
+    SDDMM), the momentum state accumulated for them, and the gradient of the current step
+    (summed over its backward passes; folded into the state once per step)."""
 
     flat: torch.Tensor
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
     state: Dict[str, torch.Tensor]
+    step_gradient: Optional[torch.Tensor] = None
 
 
 class MomentumGrowth(Growth):
@@ -268,17 +291,34 @@ class MomentumGrowth(Growth):
 
     @torch.no_grad()
     def accumulate(self, view, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """Backward hook of a csr layer: the candidates' gradient (SDDMM) into their momentum."""
+        """Backward hook of a csr layer: the candidates' gradient (SDDMM), summed over the
+        step's backward passes as the weights' gradients are."""
         window = self.windows.get(view.name)
         if window is None:
             return
         grad = ops.csr_sddmm(grad_out.reshape(-1, view.n_rows), x.reshape(-1, view.n_cols), window.row_ptr,
                              window.col_idx)
-        self.family.accumulate(window.state, grad, view.param)
+        if window.step_gradient is None:
+            window.step_gradient = grad
+        else:
+            window.step_gradient += grad
+
+    @torch.no_grad()
+    def before_update(self, views) -> None:
+        """Fold each window's step gradient into its momentum, as the optimizer does once per
+        step with the weights' gradient (averaged over the ranks first, in one collective)."""
+        pending = [(name, w) for name, w in self.windows.items() if w.step_gradient is not None]
+        if not pending:
+            return
+        self.ranks.mean_([w.step_gradient for _, w in pending])
+        params = {view.name: view.param for view in views}
+        for name, window in pending:
+            self.family.accumulate(window.state, window.step_gradient, params[name])
+            window.step_gradient = None
 
 
 GROWTHS = {cls.name: cls for cls in (MomentumGrowth, RandomGrowth, GradientGrowth, GseGrowth)}
 
 
-def make_growth(name: str, family, sampler, generator) -> Growth:
-    return GROWTHS[name](family, sampler, generator)
+def make_growth(name: str, family, sampler, generator, ranks: RankGroup) -> Growth:
+    return GROWTHS[name](family, sampler, generator, ranks)

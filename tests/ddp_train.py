@@ -1,0 +1,93 @@
+"""A DistributedDataParallel training script, as a user writes one, that also checks after
+every topology update that every rank holds the same model and optimizer state.
+
+Run with two processes (tests/test_distributed.py does)::
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_train.py \
+        --configs momentum:csr,gse:mask:uniform --out result.json
+
+Each config is ``growth:layout[:sampling[:optimizer[:scope]]]``. Each rank trains on its own
+batches (as a DistributedSampler gives), so any signal built from one rank's batch and not
+reduced makes the ranks' updates differ. Rank 0 writes, per config, whether the ranks were
+identical after each update and each layer's nonzeros after it.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import sparsemom_ext as sm
+
+
+def build(layout, optimizer_name):
+    model = nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5))
+    model = sm.sparsify(model, density=0.25, layout=layout, generator=torch.Generator().manual_seed(0))
+    ddp_model = nn.parallel.DistributedDataParallel(model)
+    if optimizer_name == "adam":
+        optimizer = sm.optim.Adam(ddp_model.parameters(), lr=1e-2)
+    else:
+        optimizer = sm.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    return model, ddp_model, optimizer
+
+
+def everything(model, optimizer):
+    """The model's state and the optimizer's, as tensors, in a fixed order."""
+    tensors = [t.detach().clone() for t in model.state_dict().values()]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors += [t.clone() for t in optimizer.state[p].values() if torch.is_tensor(t)]
+    return tensors
+
+
+def same_on_every_rank(tensors) -> bool:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, tensors)
+    return all(len(other) == len(tensors) and all(torch.equal(a, b) for a, b in zip(other, tensors))
+               for other in gathered)
+
+
+def run(config, seed, steps=14):
+    growth, layout, sampling, optimizer_name, scope = (config.split(":") + ["grabo", "sgd", "layer"][
+        len(config.split(":")) - 2:])[:5]
+    torch.manual_seed(0)
+    model, ddp_model, optimizer = build(layout, optimizer_name)
+    engine = sm.SparseMomentum(ddp_model, optimizer, prune_rate=0.4, update_every=3, total_steps=steps + 1,
+                               growth=growth, sampling=sampling, scope=scope, window=2, seed=seed)
+    data = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own batches
+    loss_fn = nn.CrossEntropyLoss()
+    identical, nnz = [], []
+    for _ in range(steps):
+        x, y = torch.randn(16, 20, generator=data), torch.randint(0, 5, (16,), generator=data)
+        optimizer.zero_grad()
+        loss = loss_fn(ddp_model(x), y)
+        loss.backward()
+        optimizer.step()
+        updates = engine.updates
+        engine.step()
+        if engine.updates != updates:
+            identical.append(same_on_every_rank(everything(model, optimizer)))
+            nnz.append([r.nnz for r in engine.history[-len(engine.weights):]])
+    return {"config": config, "identical": identical, "nnz": nnz, "loss": loss.item()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed-per-rank", action="store_true",
+                        help="a mistake to be caught: each rank builds its engine with its own seed")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    seed = dist.get_rank() if args.seed_per_rank else 0
+    results = [run(config, seed) for config in args.configs.split(",")]
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
