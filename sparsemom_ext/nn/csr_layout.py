@@ -275,6 +275,11 @@ class CsrLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        try:
+            state_dict = self._csr_keys_from_mask_layout(state_dict, prefix)
+        except (ValueError, TypeError) as exc:
+            error_msgs.append(f"invalid mask-layout weight for {prefix or 'the layer'}: {exc}")
+            return
         keys = [prefix + k for k in ("values", "row_ptr", "col_idx")]
         if all(k in state_dict for k in keys):
             values, row_ptr, col_idx = (state_dict[k] for k in keys)
@@ -297,6 +302,31 @@ class CsrLinear(nn.Module):
             with torch.no_grad():
                 self.values[nnz:] = 0
             self._install_structure(self.row_ptr.clone(), self.col_idx[:nnz].clone())
+
+    def _csr_keys_from_mask_layout(self, state_dict, prefix: str):
+        """``state_dict`` with a mask-layout layer's ``weight`` and ``mask`` (a SparseLinear's)
+        under ``prefix`` replaced by this layout's ``values``, ``row_ptr``, ``col_idx``, else
+        ``state_dict`` itself. The values keep this layer's capacity when the saved nonzeros
+        fit in it, else get :func:`default_capacity` slots (a new shape: load before building
+        the optimizer)."""
+        weight_key, mask_key = prefix + "weight", prefix + "mask"
+        if weight_key not in state_dict or mask_key not in state_dict or prefix + "values" in state_dict:
+            return state_dict
+        weight, mask = state_dict[weight_key], state_dict[mask_key]
+        if weight.shape != self.weight_shape or mask.shape != self.weight_shape or mask.dtype != torch.bool:
+            raise ValueError(f"weight and mask must have shape (out_features, in_features) = "
+                             f"{tuple(self.weight_shape)} and mask dtype bool, got weight {tuple(weight.shape)} "
+                             f"and mask {mask.dtype} {tuple(mask.shape)}")
+        row_ptr, col_idx = csr_from_mask(mask)
+        nnz = col_idx.numel()
+        capacity = self.capacity if nnz <= self.capacity else default_capacity(nnz, mask.numel())
+        values = weight.new_zeros(capacity)
+        values[:nnz] = csr_values_from_dense(weight, row_ptr, col_idx)
+        slots = col_idx.new_zeros(capacity)
+        slots[:nnz] = col_idx
+        converted = {k: v for k, v in state_dict.items() if k not in (weight_key, mask_key)}
+        converted.update({prefix + "values": values, prefix + "row_ptr": row_ptr, prefix + "col_idx": slots})
+        return converted
 
     def _check_saved_structure(self, values, row_ptr, col_idx) -> int:
         """The nnz of a saved (values, row_ptr, col_idx), or a ValueError saying what is wrong."""

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops
-from ..csr_structure import csr_from_mask
+from ..csr_structure import check_canonical_structure, csr_from_mask, csr_to_dense, csr_to_mask
 from ..ops import mask_apply_
 from ..sparsity.masks import attach_mask
 from ..sparsity.init import check_density, exact_count, random_mask, check_generator
@@ -282,6 +282,36 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         if input.dtype != self.weight.dtype:
             raise TypeError(f"input must have the layer's dtype {self.weight.dtype}, got {input.dtype}")
         return ops.masked_linear(input, self.weight, self.bias, *self._mask_structure())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        try:
+            state_dict = self._mask_keys_from_csr_layout(state_dict, prefix)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error_msgs.append(f"invalid CSR structure for {prefix or 'the layer'}: {exc}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _mask_keys_from_csr_layout(self, state_dict, prefix: str):
+        """``state_dict`` with a CsrLinear's ``values``, ``row_ptr`` and ``col_idx`` under
+        ``prefix`` (the first ``row_ptr[-1]`` value slots used) replaced by this layout's dense
+        ``weight`` and ``mask``, else ``state_dict`` itself."""
+        keys = [prefix + k for k in ("values", "row_ptr", "col_idx")]
+        if not all(k in state_dict for k in keys) or prefix + "weight" in state_dict:
+            return state_dict
+        values, row_ptr, col_idx = (state_dict[k] for k in keys)
+        if values.dim() != 1 or values.shape != col_idx.shape:
+            raise ValueError(f"values and col_idx must be 1-D with one entry per value slot, got shapes "
+                             f"{tuple(values.shape)} and {tuple(col_idx.shape)}")
+        nnz = int(row_ptr[-1]) if row_ptr.dim() == 1 and row_ptr.numel() else -1
+        if not 0 <= nnz <= col_idx.numel():
+            raise ValueError(f"row_ptr must be 1-D and end at nnz <= capacity = {col_idx.numel()}")
+        check_canonical_structure(row_ptr, col_idx[:nnz], self.out_features, self.in_features)
+        converted = {k: v for k, v in state_dict.items() if k not in keys}
+        converted[prefix + "weight"] = csr_to_dense(values[:nnz], row_ptr, col_idx[:nnz], self.in_features)
+        converted[prefix + "mask"] = csr_to_mask(row_ptr, col_idx[:nnz], self.in_features)
+        return converted
 
     def extra_repr(self) -> str:
         backend = f", backend={self.backend}" if self.backend != "auto" else ""
