@@ -278,6 +278,41 @@ void check_csr_linear_backward_args(const at::Tensor& grad, const at::Tensor& x,
   TORCH_CHECK_TYPE(values.scalar_type() == grad.scalar_type(), "values must have the dtype of grad (",
                    grad.scalar_type(), "), got ", values.scalar_type());
   check_same_device(values, "values", grad, "grad");
+  check_permutation_once(perm, "perm");
+}
+
+void check_permutation(const at::Tensor& perm, const char* name) {
+  const int64_t n = perm.numel();
+  if (n == 0) return;
+  const at::Tensor p = perm.to(at::kLong);
+  const at::Tensor out_of_range = p.lt(0).logical_or(p.ge(n));
+  if (out_of_range.any().item<bool>()) {
+    const int64_t k = out_of_range.to(at::kInt).argmax().item<int64_t>();
+    TORCH_CHECK_VALUE(false, name, " must be in [0, nnz = ", n, "), got ", name, "[", k, "]=",
+                      p[k].item<int64_t>());
+  }
+  // In range, n entries are a permutation exactly when none repeats. A repeat leaves a
+  // position unread (and, where gradients are scattered through it, unwritten).
+  const at::Tensor repeated = p.bincount({}, n).index_select(0, p).gt(1);
+  if (repeated.any().item<bool>()) {
+    const int64_t k = repeated.to(at::kInt).argmax().item<int64_t>();
+    TORCH_CHECK_VALUE(false, name, " must be a permutation of [0, nnz = ", n, ") (each position once), got ",
+                      name, "[", k, "]=", p[k].item<int64_t>(), " more than once; pass the perm of "
+                      "csr_transpose(row_ptr, col_idx, in_features)");
+  }
+}
+
+void check_permutation_once(const at::Tensor& perm, const char* name) {
+  // The layers pass a fresh slice of a fixed-capacity buffer each call: key a contiguous
+  // view on its base and its place in the storage (a view shares the base's version
+  // counter, so a write through either misses), or it would never be found again.
+  const bool keyed_on_base = perm.is_view() && perm.is_contiguous();
+  const at::Tensor& key = keyed_on_base ? static_cast<const at::Tensor&>(perm._base()) : perm;
+  const int64_t place = keyed_on_base ? (perm.storage_offset() << 32) | perm.numel() : -1;
+  memo_by_structure("permutation", {key}, place, [&] {
+    check_permutation(perm, name);
+    return at::Tensor();
+  });
 }
 
 void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols) {

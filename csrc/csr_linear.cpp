@@ -116,6 +116,9 @@ void check_transposed_structure(const at::Tensor& x, const at::Tensor& col_idx, 
   TORCH_CHECK_VALUE(x.dim() == 2 && col_ptr.numel() == x.size(1) + 1,
                     "col_ptr must have in_features + 1 = x.size(1) + 1 entries, got ", col_ptr.numel(),
                     " for x of shape ", x.sizes());
+  TORCH_CHECK_TYPE(perm.scalar_type() == at::kInt, "perm must be int32, got ", perm.scalar_type());
+  // Checked here, before the forward, so a bad perm fails before any gradient is accumulated.
+  check_permutation_once(perm, "perm");
 }
 
 // The values of the structure's nonzeros: the first nnz, past which a CsrLinear

@@ -55,6 +55,11 @@ void check_csr_linear_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                     const at::Tensor& col_ptr, const at::Tensor& row_idx,
                                     const at::Tensor& perm);
+// `perm` (int32, 1-D, nnz entries) holds each of 0 .. nnz-1 exactly once; the layer ops and
+// csr_linear_backward read values and scatter gradients through it. The _once variant checks
+// a given perm tensor (or contiguous slice of one buffer) once until it is written to.
+void check_permutation(const at::Tensor& perm, const char* name);
+void check_permutation_once(const at::Tensor& perm, const char* name);
 void check_csr_transpose_args(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols);
 // Index contents with tensor ops (any device; one host sync). `value_perm` may be undefined.
 void check_csr_content(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_cols,

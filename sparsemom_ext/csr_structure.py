@@ -20,15 +20,32 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Relayout", "check_canonical_structure", "csr_from_mask", "csr_to_dense", "csr_to_mask",
+__all__ = ["INT32_MAX", "Relayout", "check_canonical_structure", "check_structure", "csr_from_mask", "csr_to_dense", "csr_to_mask",
            "csr_values_from_dense", "flat_indices", "relayout_plan", "structure_from_flat"]
 
 
+#: The largest nnz and the largest column count of a structure: its indices are int32.
+INT32_MAX = 2**31 - 1
+
+
+def _check_fits_int32(nnz: int, n_cols: int) -> None:
+    if nnz > INT32_MAX:
+        raise ValueError(f"a CSR structure holds at most 2^31 - 1 nonzeros (row_ptr and col_idx are int32), "
+                         f"this one would have {nnz}")
+    if n_cols > INT32_MAX + 1:
+        raise ValueError(f"a CSR structure has at most 2^31 columns (col_idx is int32), got n_cols = {n_cols}")
+
+
 def csr_from_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(row_ptr, col_idx)`` (int32) of the True entries of a 2-D bool ``mask``, columns sorted."""
-    if mask.dtype != torch.bool or mask.dim() != 2:
-        raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
-    counts = mask.sum(dim=1, dtype=torch.int32)
+    """``(row_ptr, col_idx)`` (int32) of the True entries of a 2-D bool ``mask``, columns sorted.
+
+    ValueError, before anything of the structure's size is allocated, if it would not fit int32."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a 2-D bool tensor, got {got}")
+    # Counted in int64: an int32 cumsum past 2^31 - 1 wraps, and col_idx would be asked for it.
+    counts = mask.sum(dim=1, dtype=torch.int64)
+    _check_fits_int32(int(counts.sum()), mask.shape[1])
     row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
     torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
     col_idx = mask.nonzero()[:, 1].to(torch.int32)
@@ -40,20 +57,64 @@ def _row_of_each_nonzero(row_ptr: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
 
 
+def check_structure(row_ptr: Tensor, col_idx: Tensor, n_cols: int, n_rows: Optional[int] = None) -> None:
+    """Raise ValueError naming the argument unless ``(row_ptr, col_idx)`` is a structure of a matrix
+    of ``n_cols`` columns (and ``n_rows`` rows, when given) by the rules of the module docstring;
+    columns may come in any order and repeat. One read of the indices' extremes, on any device."""
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {got}")
+    if col_idx.device != row_ptr.device:
+        raise ValueError(f"col_idx must be on the device of row_ptr ({row_ptr.device}), got {col_idx.device}")
+    if isinstance(n_cols, bool) or not isinstance(n_cols, int) or not 0 <= n_cols <= INT32_MAX + 1:
+        raise ValueError(f"n_cols must be an int in [0, 2^31], got {n_cols!r}")
+    if row_ptr.numel() < 1 or (n_rows is not None and row_ptr.numel() != n_rows + 1):
+        expected = "n_rows + 1 >= 1" if n_rows is None else f"n_rows + 1 = {n_rows + 1}"
+        raise ValueError(f"row_ptr must have {expected} entries, got {row_ptr.numel()}")
+    nnz = col_idx.numel()
+    zero = row_ptr.new_zeros(1)
+    first, last, min_step, low, high = torch.cat([
+        row_ptr[:1], row_ptr[-1:], row_ptr.diff().min().reshape(1) if row_ptr.numel() > 1 else zero,
+        col_idx.min().reshape(1) if nnz else zero, col_idx.max().reshape(1) if nnz else zero]).tolist()
+    if first != 0:
+        raise ValueError(f"row_ptr must start at 0, got row_ptr[0]={first}")
+    if last != nnz:
+        raise ValueError(f"row_ptr must end at nnz = col_idx.numel() = {nnz}, got row_ptr[-1]={last}")
+    if min_step < 0:
+        raise ValueError("row_ptr must be non-decreasing (a row cannot have a negative number of nonzeros)")
+    if nnz and (low < 0 or high >= n_cols):
+        raise ValueError(f"col_idx must be in [0, n_cols = {n_cols}), got values in [{low}, {high}]")
+
+
 def csr_to_mask(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
-    """The ``(n_rows, n_cols)`` bool mask of a CSR structure."""
+    """The ``(n_rows, n_cols)`` bool mask of a CSR structure (checked: :func:`check_structure`)."""
+    check_structure(row_ptr, col_idx, n_cols)
     mask = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=torch.bool, device=row_ptr.device)
     mask[_row_of_each_nonzero(row_ptr), col_idx.long()] = True
     return mask
 
 
 def csr_values_from_dense(weight: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    """The entries of a dense 2-D ``weight`` at the structure's positions, in CSR order."""
+    """The entries of a dense 2-D ``weight`` at the structure's positions, in CSR order (the structure
+    is checked against ``weight``'s shape: :func:`check_structure`)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        got = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor, got {got}")
+    check_structure(row_ptr, col_idx, weight.shape[1], n_rows=weight.shape[0])
+    if row_ptr.device != weight.device:
+        raise ValueError(f"row_ptr must be on the device of weight ({weight.device}), got {row_ptr.device}")
     return weight[_row_of_each_nonzero(row_ptr), col_idx.long()]
 
 
 def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
-    """The dense ``(n_rows, n_cols)`` matrix, zero off the structure (repeated positions add up)."""
+    """The dense ``(n_rows, n_cols)`` matrix, zero off the structure (repeated positions add up;
+    the structure is checked: :func:`check_structure`)."""
+    check_structure(row_ptr, col_idx, n_cols)
+    if not isinstance(values, Tensor) or values.shape != col_idx.shape or values.device != row_ptr.device:
+        got = f"shape {tuple(values.shape)} on {values.device}" if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"values must be a 1-D tensor with one entry per nonzero ({col_idx.numel()}) on the "
+                         f"device of row_ptr ({row_ptr.device}), got {got}")
     dense = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=values.dtype, device=values.device)
     dense.index_put_((_row_of_each_nonzero(row_ptr), col_idx.long()), values, accumulate=True)
     return dense
@@ -66,6 +127,7 @@ def flat_indices(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
 
 def structure_from_flat(flat: Tensor, n_rows: int, n_cols: int) -> Tuple[Tensor, Tensor]:
     """``(row_ptr, col_idx)`` (int32) of the sorted, distinct flat indices ``flat``."""
+    _check_fits_int32(flat.numel(), n_cols)
     if flat.numel() == 0:  # also covers n_cols == 0, where // and % would divide by zero
         return torch.zeros(n_rows + 1, dtype=torch.int32, device=flat.device), flat.to(torch.int32)
     counts = torch.bincount(flat // n_cols, minlength=n_rows)
@@ -77,25 +139,9 @@ def structure_from_flat(flat: Tensor, n_rows: int, n_cols: int) -> Tuple[Tensor,
 def check_canonical_structure(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int) -> None:
     """Raise ValueError naming the argument unless ``(row_ptr, col_idx)`` is a canonical
     structure of an ``n_rows x n_cols`` matrix (the rules of the module docstring)."""
-    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1:
-            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 1-D int32 tensor, got {got}")
-    if row_ptr.numel() != n_rows + 1:
-        raise ValueError(f"row_ptr must have n_rows + 1 = {n_rows + 1} entries, got {row_ptr.numel()}")
-    nnz = col_idx.numel()
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
-        raise ValueError(f"row_ptr must start at 0 and end at nnz = {nnz}, got {int(row_ptr[0])} ... "
-                         f"{int(row_ptr[-1])}")
-    if n_rows > 0 and bool((row_ptr.diff() < 0).any()):
-        raise ValueError("row_ptr must be non-decreasing")
-    if nnz == 0:
-        return
-    if int(col_idx.min()) < 0 or int(col_idx.max()) >= n_cols:
-        raise ValueError(f"col_idx must be in [0, n_cols = {n_cols}), got values in "
-                         f"[{int(col_idx.min())}, {int(col_idx.max())}]")
+    check_structure(row_ptr, col_idx, n_cols, n_rows=n_rows)
     flat = flat_indices(row_ptr, col_idx, n_cols)
-    if nnz > 1 and not bool((flat.diff() > 0).all()):
+    if col_idx.numel() > 1 and not bool((flat.diff() > 0).all()):
         raise ValueError("col_idx must be strictly increasing within each row (sorted, no repeated column)")
 
 

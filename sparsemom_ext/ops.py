@@ -250,14 +250,27 @@ _CSR_RULES = """
 """
 
 
+def _check_no_grad_wanted(op: str, **tensors: Optional[Tensor]) -> None:
+    """The sparse matmul kernels have no backward of their own: an input that wants a gradient
+    would get none (backward leaves its ``.grad`` None), so it is refused."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but {op} has no backward: use csr_linear (autograd for x, "
+                             f"values and bias), or call {op} under torch.no_grad() or on {name}.detach()")
+
+
 def csr_spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
              value_perm: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W.T + bias`` for ``W`` (``n_rows x x.shape[1]``) in CSR: ``(batch, n_rows)``.
 
     Nonzero ``k`` of the structure is ``values[k]``, or ``values[value_perm[k]]`` when
     ``value_perm`` is given: with the transposed structure of :func:`csr_transpose`
-    this multiplies by ``W.T`` (``dy @ W``) reading the CSR values in place.
+    this multiplies by ``W.T`` (``dy @ W``) reading the CSR values in place. No autograd:
+    ``ValueError`` when ``x``, ``values`` or ``bias`` requires grad (use :func:`csr_linear`).
     """
+    _check_no_grad_wanted("csr_spmm", x=x, values=values, bias=bias)
     return torch.ops.sparsemom.csr_spmm(x, row_ptr, col_idx, values, value_perm, bias)
 
 
@@ -267,7 +280,9 @@ def csr_sddmm(a: Tensor, b: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
     ``out[k] = sum_i a[i, row(k)] * b[i, col_idx[k]]`` with ``a`` ``(batch, n_rows)``
     and ``b`` ``(batch, n_cols)``: the gradient of the values of ``y = x @ W.T`` is
     ``csr_sddmm(grad_y, x, row_ptr, col_idx)``. Nothing of size ``n_rows x n_cols`` is formed.
+    No autograd: ``ValueError`` when ``a`` or ``b`` requires grad.
     """
+    _check_no_grad_wanted("csr_sddmm", a=a, b=b)
     return torch.ops.sparsemom.csr_sddmm(a, b, row_ptr, col_idx)
 
 
@@ -294,12 +309,14 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
     products instead of once per kernel, and the results are bit-identical to the two ops'.
     That pass reads ``values`` and writes ``grad_values`` through ``perm`` and does not read
     ``col_idx``, so it validates the transposed structure's content (``col_ptr``, and
-    ``row_idx`` and ``perm`` in range), not ``col_idx``'s; that the two structures agree, and
-    that ``perm`` is a permutation, is the caller's to keep (as for :func:`csr_linear`):
-    pass what :func:`csr_transpose` returned. ``grad_x`` is ``(batch, in_features)``
+    ``row_idx`` and ``perm`` in range, ``perm`` a permutation), not ``col_idx``'s; that the two
+    structures agree is the caller's to keep (as for :func:`csr_linear`): pass what
+    :func:`csr_transpose` returned. ``grad_x`` is ``(batch, in_features)``
     feature-major, ``grad_values`` has one entry per entry of ``values`` in CSR order:
     ``values`` may have idle slots past nnz (as :func:`csr_linear`'s), whose gradient is 0.
+    No autograd (it is a backward): ``ValueError`` when ``grad``, ``x`` or ``values`` requires grad.
     """
+    _check_no_grad_wanted("csr_linear_backward", grad=grad, x=x, values=values)
     return torch.ops.sparsemom.csr_linear_backward(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm)
 
 

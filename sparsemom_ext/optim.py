@@ -21,6 +21,8 @@ handle (complex), take the parent's step followed by a masked fill: same result,
 not fused.
 """
 
+import math
+
 import torch
 
 from . import ops
@@ -42,10 +44,32 @@ def _parent_step(cls):
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
+def _check_finite(what: str, value, low=None, high_open=None) -> None:
+    """Raise ValueError naming ``what`` unless ``value`` is a finite number at least ``low``
+    and below ``high_open``."""
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return  # reading it would synchronise with the device (and fail under CUDA graph capture)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+        number = None
+    bounds = ("" if low is None else f" >= {low:g}") + ("" if high_open is None else f" and < {high_open:g}")
+    if (number is None or not math.isfinite(number) or (low is not None and number < low)
+            or (high_open is not None and number >= high_open)):
+        raise ValueError(f"{what} must be a finite number{bounds}, got {value!r}")
+
+
 class _MaskedStepMixin:
     """Shared step logic: split masked parameters off, fuse their update."""
 
     _parent_cls: type
+
+    def _check_hyperparameters(self) -> None:
+        """Every group's hyperparameters, checked before any parameter moves: torch.optim
+        accepts NaN and inf at construction (and from a loaded state_dict) and would step
+        the groups before a bad one."""
+        for index, group in enumerate(self.param_groups):
+            self._check_group(index, group)
 
     def _fusable(self, group, p) -> bool:
         return (
@@ -86,6 +110,7 @@ class _MaskedStepMixin:
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` as in torch.optim."""
+        self._check_hyperparameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -117,6 +142,15 @@ class SGD(_MaskedStepMixin, torch.optim.SGD):
 
     _parent_cls = torch.optim.SGD
 
+    def _check_group(self, index, group):
+        _check_finite(f"param_groups[{index}]['lr']", group["lr"], low=0)
+        _check_finite(f"param_groups[{index}]['momentum']", group["momentum"], low=0)
+        _check_finite(f"param_groups[{index}]['dampening']", group["dampening"])
+        _check_finite(f"param_groups[{index}]['weight_decay']", group["weight_decay"], low=0)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"param_groups[{index}]: nesterov=True requires momentum > 0 and dampening == 0, "
+                             f"got momentum={group['momentum']!r}, dampening={group['dampening']!r}")
+
     def _fused_update(self, group, p, mask, view):
         momentum = group["momentum"]
         buf = None
@@ -141,6 +175,16 @@ class Adam(_MaskedStepMixin, torch.optim.Adam):
 
     _parent_cls = torch.optim.Adam
     _decoupled = False
+
+    def _check_group(self, index, group):
+        _check_finite(f"param_groups[{index}]['lr']", group["lr"], low=0)
+        _check_finite(f"param_groups[{index}]['eps']", group["eps"], low=0)
+        _check_finite(f"param_groups[{index}]['weight_decay']", group["weight_decay"], low=0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"param_groups[{index}]['betas'] must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            _check_finite(f"param_groups[{index}]['betas'][{i}]", beta, low=0, high_open=1)
 
     def _fused_update(self, group, p, mask, view):
         state = self.state[p]
