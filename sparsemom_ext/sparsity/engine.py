@@ -334,29 +334,94 @@ class SparseMomentum:
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        """Restore what :meth:`state_dict` saved. Everything is checked before anything is
-        written. Load the model's state_dict first: CsrLinear layers take their structure
-        from it. The saved options must be this engine's (build it with the same arguments).
+        """Restore what :meth:`state_dict` saved, whole or not at all: every entry is checked
+        (a ValueError naming it) before anything is written. Load the model's state_dict
+        first: CsrLinear layers take their structure from it. The saved options must be this
+        engine's (build it with the same arguments), and the optimizer must still fit them
+        (its state_dict may have been loaded since the engine was built).
         """
-        layers = state["layers"]
-        if set(layers) != {w.name for w in self.weights}:
-            raise ValueError(f"state_dict is for layers {sorted(layers)}, this engine has "
-                             f"{sorted(w.name for w in self.weights)}")
+        schedule, windows = self._checked_state(state)
         for w in self.weights:
-            w.check_saved_topology(layers[w.name])
-        if EngineOptions(**state["options"]) != self.options:
-            raise ValueError(f"state_dict is of an engine with options {state['options']}, this one has "
-                             f"{vars(self.options)}: build the engine with the same arguments")
-        schedule = PruneSchedule(**state["schedule"])
-        generator = torch.Generator()
-        generator.set_state(state["generator"])
-        windows = self.growth_method.windows_from_state_dict(state["windows"], {w.name: w for w in self.weights})
-        for w in self.weights:
-            w.load_saved_topology(layers[w.name])
+            w.load_saved_topology(state["layers"][w.name])
         self.steps, self.updates = state["steps"], state["updates"]
         self.generator.set_state(state["generator"])
         self.schedule = schedule
         self.growth_method.windows = windows
+
+    def _checked_state(self, state: Dict):
+        """``state`` checked entry by entry as :meth:`load_state_dict` needs it; returns the
+        schedule and candidate windows built from it (nothing of the engine is touched)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict from SparseMomentum.state_dict(), got {type(state).__name__}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}: it must have the entries of "
+                             f"SparseMomentum.state_dict() {list(_STATE_KEYS)}")
+        for key in ("steps", "updates"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict['{key}'] must be a non-negative int, got {value!r}")
+        layers = state["layers"]
+        names = sorted(w.name for w in self.weights)
+        if not isinstance(layers, dict) or sorted(layers) != names:
+            got = sorted(layers) if isinstance(layers, dict) else type(layers).__name__
+            raise ValueError(f"state_dict['layers'] is for layers {got}, this engine has {names}")
+        for w in self.weights:
+            w.check_saved_topology(layers[w.name])
+        options = _built("options", EngineOptions, state["options"])
+        if options != self.options:
+            raise ValueError(f"state_dict is of an engine with options {state['options']}, this one has "
+                             f"{vars(self.options)}: build the engine with the same arguments")
+        if self.options.needs_momentum:
+            self.family.check_has_momentum()
+        schedule = _built("schedule", PruneSchedule, state["schedule"])
+        try:
+            torch.Generator().set_state(state["generator"])
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError("state_dict['generator'] must be a CPU torch.Generator state (a uint8 tensor from "
+                             f"get_state()): {' '.join(str(exc).split())}") from exc
+        self._check_saved_windows(state["windows"])
+        return schedule, self.growth_method.windows_from_state_dict(state["windows"],
+                                                                    {w.name: w for w in self.weights})
+
+    def _check_saved_windows(self, saved) -> None:
+        """Each saved candidate window: of a layer that keeps windows here, sorted distinct int64
+        flat indices in the layer, and the optimizer state the window accumulates, one entry each."""
+        views = {w.name: w for w in self._window_views}
+        if not isinstance(saved, dict) or not set(saved) <= set(views):
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"state_dict['windows'] must map layers that keep candidate windows "
+                             f"({sorted(views)}) to windows, got {got}")
+        keys = sorted(self.family.window_keys) if saved else []
+        for name, entry in saved.items():
+            where = f"state_dict['windows'][{name!r}]"
+            flat = entry.get("flat") if isinstance(entry, dict) else None
+            if not isinstance(flat, torch.Tensor) or flat.dtype != torch.int64 or flat.dim() != 1:
+                raise ValueError(f"{where}['flat'] must be a 1-D int64 tensor of flat indices")
+            n = views[name].numel
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n or not bool((flat.diff() > 0).all())):
+                raise ValueError(f"{where}['flat'] must be sorted, distinct flat indices in [0, {n})")
+            window_state = entry.get("state")
+            if not isinstance(window_state, dict) or sorted(window_state) != keys:
+                got = sorted(window_state) if isinstance(window_state, dict) else type(window_state).__name__
+                raise ValueError(f"{where}['state'] must hold {keys}, got {got}")
+            for key, t in window_state.items():
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != flat.shape:
+                    raise ValueError(f"{where}['state'][{key!r}] must be a float tensor with one entry per "
+                                     f"candidate ({flat.numel()})")
+
+
+_STATE_KEYS = ("steps", "updates", "layers", "windows", "generator", "schedule", "options")
+
+
+def _built(name: str, cls, fields):
+    """``cls(**fields)`` from the saved ``state_dict[name]``, its errors as ValueErrors naming it."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"state_dict['{name}'] must be a dict, got {type(fields).__name__}")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:  # TypeError: a field cls does not have
+        raise ValueError(f"state_dict['{name}']: {exc}") from exc
 
 
 def _at_most(count: int, limit: Optional[int]) -> int:
