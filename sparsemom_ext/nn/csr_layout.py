@@ -77,8 +77,8 @@ class CsrLinear(nn.Module):
     :meth:`structure`, :meth:`active_values`, :meth:`active_flat`, :meth:`set_topology`;
     ``mask`` and :meth:`dense_weight` are built on request. There is no ``weight``: the
     layer is not an ``nn.Linear`` (code that reads ``.weight`` of every ``nn.Linear``
-    would misread it), so modules that read ``.weight`` themselves (``nn.MultiheadAttention``'s
-    ``out_proj``) keep their layers dense; ``sparsify`` leaves them alone.
+    would misread it), so ``sparsify`` gives the layers that modules read as ``.weight``
+    themselves (``nn.MultiheadAttention``'s ``out_proj``) the mask layout.
 
     ``capacity``: the number of value slots (None: :func:`default_capacity`); it bounds
     the nonzeros a topology update may give the layer. ``values`` carries its used slots
@@ -250,6 +250,15 @@ class CsrLinear(nn.Module):
             buffer[nnz:] = 0
         self.col_ptr.copy_(col_ptr)
         self._slots.count = nnz
+        self._refresh_used_views()
+
+    def _refresh_used_views(self) -> None:
+        # The used heads of the index buffers, as views whose length is nnz. The forward reads
+        # these, not a slice by the Python int nnz: torch.compile guards on an int's value and
+        # would recompile at every topology update, but makes a tensor's changing length
+        # symbolic after the first change (two graphs over a run).
+        nnz = self._slots.count
+        self._used_structure = (self.col_idx[:nnz], self.row_idx[:nnz], self.perm[:nnz])
 
     # ------------------------------------------------------------------ nn.Module
     def reset_parameters(self) -> None:
@@ -269,9 +278,8 @@ class CsrLinear(nn.Module):
         # All the value slots: csr_linear reads the first nnz and gives the idle ones a zero
         # gradient. A slice here would cost its backward a zero fill and a copy of every slot
         # (4% of a 4096 x 4096 layer's forward + backward at 5%, batch 128).
-        n = self.nnz
-        return ops.csr_linear(input, self.values, self.bias, self.row_ptr, self.col_idx[:n], self.col_ptr,
-                              self.row_idx[:n], self.perm[:n])
+        col_idx, row_idx, perm = self._used_structure
+        return ops.csr_linear(input, self.values, self.bias, self.row_ptr, col_idx, self.col_ptr, row_idx, perm)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -346,6 +354,7 @@ class CsrLinear(nn.Module):
         # .to()/.double() may replace the values Parameter: the used slots follow it.
         result = super()._apply(fn, recurse)
         attach_used_slots(self.values, self._slots)
+        self._refresh_used_views()
         return result
 
     def __setstate__(self, state):
@@ -353,6 +362,7 @@ class CsrLinear(nn.Module):
         super().__setstate__(state)
         if "values" in self._parameters and "_slots" in self.__dict__:
             attach_used_slots(self.values, self._slots)
+            self._refresh_used_views()
 
     def extra_repr(self) -> str:
         density = "?" if self.values.is_meta else f"{self.density:.4g}"
