@@ -196,3 +196,28 @@ def test_sparse_attention_names_what_it_needs():
         sm.SparseMultiheadAttention.from_dense(nn.Linear(2, 2), {})
     with pytest.raises(ValueError, match=r"counts must give one count for each projection weight \['in_proj_weight'\]"):
         sm.SparseMultiheadAttention.from_dense(nn.MultiheadAttention(4, 2), {"weight": 3})
+
+
+@pytest.mark.parametrize("layout", ["mask", "csr"])
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_encoder_trains_with_other_growths(layout, growth):
+    model = sparsify(encoder(1), layout)
+    train(model, growth=growth)
+    check_masked_weights_are_sparse(model)
+
+
+def test_gse_with_grabo_names_the_attention_weight_it_cannot_sample():
+    # GraBo samples from a layer's batches; attention's input projection is read inside
+    # F.multi_head_attention_forward, where no layer sees them: the engine says so.
+    model = sparsify(encoder(1), "mask")
+    optimizer = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.in_proj_weight.*sampling='uniform'"):
+        sm.SparseMomentum(model, optimizer, growth="gse", update_every=3, total_steps=20)
+    model = sparsify(encoder(1), "mask")
+    optimizer = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sm.SparseMomentum(model, optimizer, growth="gse", sampling="uniform", update_every=1, total_steps=20)
+    model(torch.randn(3, 5, 16, generator=seeded(2))).sum().backward()
+    optimizer.step()
+    engine.step()
+    assert engine.updates == 1
+    check_masked_weights_are_sparse(model)
