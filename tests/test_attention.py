@@ -221,3 +221,15 @@ def test_gse_with_grabo_names_the_attention_weight_it_cannot_sample():
     engine.step()
     assert engine.updates == 1
     check_masked_weights_are_sparse(model)
+
+
+def test_from_dense_leaves_the_torch_layer_as_it_was():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2)
+    before = {k: v.clone() for k, v in mha.state_dict().items()}
+    sparse = sm.SparseMultiheadAttention.from_dense(mha, {"in_proj_weight": 40}, generator=seeded())
+    assert sparse.out_proj is not mha.out_proj and int(sparse.in_proj_weight_mask.sum()) == 40
+    with torch.no_grad():
+        sparse.out_proj.weight.zero_()
+    for key, value in mha.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -12,6 +12,7 @@ the fused optimizers treat it like a SparseLinear's weight; its forward is torch
 :func:`sparsemom_ext.sparsify`).
 """
 
+import copy
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -64,7 +65,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         for pname, p in module._parameters.items():
             if p is not None:
                 setattr(new, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-        new.out_proj = module.out_proj
+        new.out_proj = copy.deepcopy(module.out_proj)
         new.train(module.training)
         for pname in names:
             weight = getattr(new, pname)

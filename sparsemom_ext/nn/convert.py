@@ -239,10 +239,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
                                    capacity=default_capacity(count, module.weight.numel(), sum(counts)))
         sparse.__dict__[DENSE_CLASS_ATTR] = type(module)
         replacement[id(module)] = sparse
-    # A converted attention layer took the old out_proj: give it the converted one.
-    for sparse in replacement.values():
-        if isinstance(sparse, SparseMultiheadAttention) and id(sparse.out_proj) in replacement:
-            sparse.out_proj = replacement[id(sparse.out_proj)]
+    # A converted attention layer holds a copy of the old out_proj: give it the converted one.
+    for name, module in layers:
+        sparse = replacement[id(module)]
+        if isinstance(sparse, SparseMultiheadAttention) and id(module.out_proj) in replacement:
+            sparse.out_proj = replacement[id(module.out_proj)]
 
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
