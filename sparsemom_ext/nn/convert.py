@@ -67,10 +67,10 @@ def _weight_names(module: nn.Module) -> Tuple[str, ...]:
     return ("weight",)
 
 
-def _read_as_weight(model: nn.Module) -> dict:
-    """``id(linear) -> reader`` for the linear layers torch code reads as ``.weight``
-    instead of calling them: MultiheadAttention's ``out_proj`` (in every forward)."""
-    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+def _read_as_weight(model: nn.Module) -> set:
+    """The ids of the linear layers that torch code reads as ``.weight`` instead of
+    calling them: MultiheadAttention's ``out_proj`` (in every forward)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _turn_off_fast_paths(model: nn.Module) -> None:
@@ -100,7 +100,8 @@ def _turn_off_fast_paths(model: nn.Module) -> None:
 
 def sparsify(model: nn.Module, density: float, distribution: str = "uniform", layout: str = "mask",
              exclude: Iterable[Union[str, type]] = (), generator: Optional[torch.Generator] = None) -> nn.Module:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` of ``model`` by a sparse layer, in place.
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` of ``model`` by a sparse
+    layer, in place.
 
     Each converted layer is ``SparseLinear.from_dense`` / ``SparseConv2d.from_dense`` of
     the original (its weight values kept at active positions, its bias, device, dtype
@@ -123,15 +124,16 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     ``exclude`` holds module names as in ``named_modules()`` (``"fc3"``,
     ``"features.0"``; a container's name keeps everything inside it dense) and/or
     module classes (a layer that is, or sits inside, an instance stays dense). Layers
-    that already are sparse (SparseLinear, SparseConv2d, CsrLinear) are left alone and do not count in the
-    density. Biases, norm layers and other modules are untouched; forward hooks of a
-    replaced layer are not carried over. Build the optimizer after sparsify().
+    that already are sparse (SparseLinear, SparseConv2d, CsrLinear, SparseMultiheadAttention)
+    are left alone and do not count in the density. Biases, norm layers and other
+    modules are untouched; forward hooks of a replaced layer are not carried over. Build
+    the optimizer after sparsify().
 
     Returns ``model`` (or, when ``model`` itself is a Linear/Conv2d, its sparse
     replacement: use the return value). Raises ValueError for a bad density,
     distribution, layout or unknown excluded name, when nothing is left to convert, for
-    an nn.Linear/Conv2d subclass with its own forward (exclude it), and for a layer
-    whose weight or bias is shared with another module (converting copies it, which
+    an nn.Linear/Conv2d/MultiheadAttention subclass with its own forward (exclude it),
+    and for a layer whose weight or bias is shared with another module (converting copies it, which
     would silently untie it).
     """
     if not isinstance(model, nn.Module):
