@@ -31,9 +31,28 @@ INT32_MAX = 2**31 - 1
 def _check_fits_int32(nnz: int, n_cols: int) -> None:
     if nnz > INT32_MAX:
         raise ValueError(f"a CSR structure holds at most 2^31 - 1 nonzeros (row_ptr and col_idx are int32), "
-                         f"this one would have {nnz}")
+                         f"this one would have {nnz} or more")
     if n_cols > INT32_MAX + 1:
         raise ValueError(f"a CSR structure has at most 2^31 columns (col_idx is int32), got n_cols = {n_cols}")
+
+
+def _row_counts(mask: Tensor) -> Tensor:
+    """The number of True entries of each row of a 2-D bool ``mask``; ValueError as soon as their
+    total passes int32 (an int32 cumsum would wrap, and col_idx be allocated for it)."""
+    n_rows, n_cols = mask.shape
+    _check_fits_int32(0, n_cols)
+    if mask.numel() <= INT32_MAX:  # neither a row nor the total can pass int32
+        return mask.sum(dim=1, dtype=torch.int32)
+    # A reduction of a bool tensor casts it: a block of rows at a time bounds that copy, and
+    # the count stops at the block where the total passes int32.
+    dtype = torch.int32 if n_cols <= INT32_MAX else torch.int64
+    rows = max(1, 2**24 // n_cols)
+    blocks, total = [], 0
+    for start in range(0, n_rows, rows):
+        blocks.append(mask[start:start + rows].sum(dim=1, dtype=dtype))
+        total += int(blocks[-1].sum(dtype=torch.int64))
+        _check_fits_int32(total, n_cols)
+    return torch.cat(blocks)
 
 
 def csr_from_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
@@ -43,9 +62,7 @@ def csr_from_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a 2-D bool tensor, got {got}")
-    # Counted in int64: an int32 cumsum past 2^31 - 1 wraps, and col_idx would be asked for it.
-    counts = mask.sum(dim=1, dtype=torch.int64)
-    _check_fits_int32(int(counts.sum()), mask.shape[1])
+    counts = _row_counts(mask)
     row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
     torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
     col_idx = mask.nonzero()[:, 1].to(torch.int32)
