@@ -123,11 +123,13 @@ void check_transposed_structure(const at::Tensor& x, const at::Tensor& col_idx, 
 
 // The values of the structure's nonzeros: the first nnz, past which a CsrLinear
 // keeps idle slots.
+// Sizes are SymInts: under torch.compile the nnz is symbolic (it changes at every update).
 at::Tensor used_values(const at::Tensor& values, const at::Tensor& col_idx) {
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= col_idx.numel(),
-                    "values must be 1-D with one entry per nonzero (", col_idx.numel(),
-                    ") and possibly idle slots after them, got shape ", values.sizes());
-  return values.numel() == col_idx.numel() ? values : values.narrow(0, 0, col_idx.numel());
+  const c10::SymInt nnz = col_idx.sym_numel();
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.sym_numel() >= nnz,
+                    "values must be 1-D with one entry per nonzero (", nnz,
+                    ") and possibly idle slots after them, got shape ", values.sym_sizes());
+  return values.sym_numel() == nnz ? values : values.narrow_symint(0, 0, nnz);
 }
 
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
@@ -172,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward(const at::Tensor& grad, c
                                                        const at::Tensor& row_idx, const at::Tensor& perm) {
   check_csr_linear_backward_args(grad, x, values, row_ptr, col_idx, col_ptr, row_idx, perm);
   return {call_csr_spmm(grad, col_ptr, row_idx, used_values(values, col_idx), perm, std::nullopt),
-          pad_to_slots(call_csr_sddmm(grad, x, row_ptr, col_idx), values.numel())};
+          pad_to_slots(call_csr_sddmm(grad, x, row_ptr, col_idx), values.sym_numel())};
 }
 
 // transpose_contiguous, the layout change the layer ops' inputs go through, on
@@ -180,6 +182,16 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward(const at::Tensor& grad, c
 at::Tensor transpose_contiguous(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
   return x.t().clone(at::MemoryFormat::Contiguous);
+}
+
+// The backward kernels have no derivatives of their own: a backward that builds a graph
+// (create_graph=True: gradient penalties, Hessian-vector products) would get gradients
+// that silently miss this layer's second-order terms, so it is refused.
+void check_no_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              " has no double backward: its backward cannot build a graph (create_graph=True, "
+              "torch.autograd.grad of a gradient). For gradient penalties or Hessian-vector products "
+              "use SparseLinear with backend='dense'.");
 }
 
 class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
@@ -199,6 +211,7 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("csr_linear");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &values = saved[1], &row_ptr = saved[2], &col_idx = saved[3],
                      &col_ptr = saved[4], &row_idx = saved[5], &perm = saved[6];
@@ -215,7 +228,7 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
     } else if (want_x) {
       grad_x = call_csr_spmm(grad, col_ptr, row_idx, used_values(values, col_idx), perm, std::nullopt);
     } else if (want_values) {
-      grad_values = pad_to_slots(call_csr_sddmm(grad, x, row_ptr, col_idx), values.numel());
+      grad_values = pad_to_slots(call_csr_sddmm(grad, x, row_ptr, col_idx), values.sym_numel());
     }
     if (want_bias) grad_bias = grad.sum(0);
     grad_x = in_layout_of_input(grad_x, ctx->saved_data["x_feature_major"].toBool());
@@ -238,6 +251,7 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("masked_linear");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &col_ptr = saved[2], &row_idx = saved[3],
                      &perm = saved[4], &flat_index = saved[5];
@@ -292,12 +306,12 @@ at::Tensor transpose_contiguous_autograd(const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor pad_to_slots(const at::Tensor& grad_values, int64_t slots) {
-  const int64_t nnz = grad_values.numel();
+at::Tensor pad_to_slots(const at::Tensor& grad_values, const c10::SymInt& slots) {
+  const c10::SymInt nnz = grad_values.sym_numel();
   if (slots == nnz) return grad_values;
-  at::Tensor out = at::empty({slots}, grad_values.options());
-  out.narrow(0, 0, nnz).copy_(grad_values);
-  out.narrow(0, nnz, slots - nnz).zero_();
+  at::Tensor out = at::empty_symint({slots}, grad_values.options());
+  out.narrow_symint(0, 0, nnz).copy_(grad_values);
+  out.narrow_symint(0, nnz, slots - nnz).zero_();
   return out;
 }
 

@@ -108,6 +108,6 @@ inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 // The layer ops take `values` with idle slots past the structure's nnz (a
 // CsrLinear's fixed capacity): not read, and their gradient is 0. This is
 // `grad_values` (nnz entries) as the gradient of all `slots` (csr_linear.cpp).
-at::Tensor pad_to_slots(const at::Tensor& grad_values, int64_t slots);
+at::Tensor pad_to_slots(const at::Tensor& grad_values, const c10::SymInt& slots);
 
 }  // namespace sparsemom

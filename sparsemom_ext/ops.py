@@ -339,11 +339,30 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     (``transpose_contiguous``; nothing when it already is, as a csr layer's output is)
     for the forward and the backward's SDDMM, and hands the gradient of ``x`` back in
     ``x``'s own layout.
+
+    Under ``torch.autocast`` it is cast like ``F.linear``: ``x``, ``values`` and ``bias``
+    (float32/16, bfloat16) go to the autocast dtype, the kernels accumulate in float32 and
+    the result (and the gradient of ``values``, cast back by autograd) follows. There is no
+    double backward: a backward with ``create_graph=True`` raises.
     """
     lead = x.shape[:-1]
+    x, values, bias = _autocast_like_linear(x, values, bias)
     y = torch.ops.sparsemom.csr_linear(x.reshape(-1, x.shape[-1]), values, bias, row_ptr, col_idx, col_ptr,
                                        row_idx, perm)
     return y.reshape(*lead, y.shape[-1])
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_like_linear(*tensors: Optional[Tensor]):
+    """``tensors`` cast to the autocast dtype of their device when autocast is on there, as
+    autocast casts ``F.linear``'s operands (float64 and non-float tensors stay as they are)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
@@ -356,9 +375,11 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ptr: Te
     gradient of ``x`` run :func:`csr_spmm` on the active weights; the gradient of
     ``weight`` is dense, ``grad.T @ x`` as ``F.linear``'s (exact sparse momentum grows
     from the momentum of every inactive weight). Autograd for ``x``, ``weight`` and
-    ``bias``, in C++. Leading dimensions of ``x`` are flattened into the batch.
+    ``bias``, in C++. Leading dimensions of ``x`` are flattened into the batch. Autocast
+    and double backward: as :func:`csr_linear`.
     """
     lead = x.shape[:-1]
+    x, weight, bias = _autocast_like_linear(x, weight, bias)
     y = torch.ops.sparsemom.masked_linear(x.reshape(-1, x.shape[-1]), weight, bias, row_ptr, col_idx, col_ptr,
                                           row_idx, perm, flat_index)
     return y.reshape(*lead, y.shape[-1])

@@ -273,7 +273,7 @@ class CsrLinear(nn.Module):
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(f"input must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(input.shape)}")
-        if input.dtype != self.values.dtype:
+        if input.dtype != self.values.dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(f"input must have the layer's dtype {self.values.dtype}, got {input.dtype}")
         # All the value slots: csr_linear reads the first nnz and gives the idle ones a zero
         # gradient. A slice here would cost its backward a zero fill and a copy of every slot

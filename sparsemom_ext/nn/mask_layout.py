@@ -54,6 +54,11 @@ def check_backend(backend) -> str:
     return backend
 
 
+def _in_graph_capture() -> bool:
+    """Whether this forward is being captured into a graph (compile, export or jit.trace)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 @torch.no_grad()
 def _zero_inactive(weight: torch.Tensor, mask: torch.Tensor) -> None:
     # The extension op covers the float dtypes on CPU/CUDA/meta; anything else
@@ -231,13 +236,26 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         input gradient are faster than dense, as measured by ``bench/bench_spmm.py`` on
         CPU: float32 input on CPU, density at most ``AUTO_MAX_DENSITY`` and a weight of
         at least ``AUTO_MIN_NUMEL`` entries (smaller layers are too quick for the
-        difference to matter). Elsewhere (CUDA, other dtypes) auto stays dense: those
-        kernels are not tuned to beat cuBLAS/MKL yet.
+        difference to matter), autocast off. Elsewhere (CUDA, other dtypes) auto stays dense: those
+        kernels are not tuned to beat cuBLAS/MKL yet. Under torch.compile, torch.export and
+        torch.jit.trace: no (``"sparse"`` raises), so graphs need no data-dependent structure.
         """
+        if _in_graph_capture():
+            # The sparse kernels' structure is derived from the mask's contents once per mask
+            # version: data-dependent, which a graph cannot hold, and the mask changes at every
+            # topology update. Graphs take F.linear (inactive weights are exact zeros, so the
+            # result is the same); the csr layout is the one whose graphs run sparse kernels.
+            if self.backend == "sparse":
+                raise RuntimeError("SparseLinear(backend='sparse') cannot be captured by torch.compile, "
+                                   "torch.export or torch.jit.trace (its structure follows the mask's "
+                                   "contents); use backend='auto' (dense in a graph) or the csr layout "
+                                   "(sparsemom_ext.CsrLinear), whose graphs run the sparse kernels")
+            return False
         if self.backend != "auto":
             return self.backend == "sparse"
         numel = self.in_features * self.out_features
         return (x.device.type == "cpu" and x.dtype == torch.float32 and self.mask.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")  # measured in float32 only
                 and numel >= self.AUTO_MIN_NUMEL
                 and self._mask_structure_nnz() <= self.AUTO_MAX_DENSITY * numel)
 
@@ -279,7 +297,7 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(f"input must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(input.shape)}")
-        if input.dtype != self.weight.dtype:
+        if input.dtype != self.weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(f"input must have the layer's dtype {self.weight.dtype}, got {input.dtype}")
         return ops.masked_linear(input, self.weight, self.bias, *self._mask_structure())
 

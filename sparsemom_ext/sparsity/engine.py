@@ -186,7 +186,7 @@ class SparseMomentum:
                 raise ValueError(f"growth={self.options.growth!r} with sampling={self.options.sampling!r} reads the "
                                  f"batches of {w.name!r}, which is not the weight of a Linear or Conv2d layer{hint}")
             on_batch = (lambda x, g, w=w: self.growth_method.accumulate(w, x, g)) if accumulates else None
-            self._probes[w.name] = BatchProbe(w.module, keep_last=keep_last, on_batch=on_batch)
+            self._probes[w.name] = BatchProbe(w.module, keep_last=keep_last, name=w.name, on_batch=on_batch)
 
     def remove_hooks(self) -> None:
         """Take the engine's forward hooks off the layers (the engine cannot update after this

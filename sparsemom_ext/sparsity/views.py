@@ -34,14 +34,23 @@ class BatchProbe:
     Keeps the last training batch's input and output gradient (references, no copy:
     O(batch x width) memory) in ``last`` and calls ``on_batch(x, grad_out)`` for each
     backward through the layer. Batches run without grad (evaluation) are not seen.
+
+    torch.compile cannot capture the hook (it keeps tensors from the backward pass): a
+    compiled model breaks its graph at each probed layer and runs the hook eagerly, and
+    ``fullgraph=True`` fails with the reason below.
     """
 
-    def __init__(self, module: torch.nn.Module, keep_last: bool,
+    def __init__(self, module: torch.nn.Module, keep_last: bool, name: str = "",
                  on_batch: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None):
         self.keep_last = keep_last
         self.on_batch = on_batch
         self.last = None
-        self._handle = module.register_forward_hook(self._forward_hook)
+        hook = torch.compiler.disable(self._forward_hook, reason=(
+            f"the sparse-training engine reads the batches of {name!r} through a hook torch.compile cannot "
+            "capture (growth 'momentum', 'gradient' or 'gse' in the csr layout, or sampling='grabo'): compile "
+            "without fullgraph=True (the graph breaks at that layer), or use growth='random' or the mask layout "
+            "with sampling='uniform'"))
+        self._handle = module.register_forward_hook(hook)
 
     def _forward_hook(self, module, inputs, output):
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):

@@ -1,0 +1,144 @@
+"""torch.compile, torch.export, torch.jit.trace, autocast and double backward, as users call them.
+
+The compiled tests train an eager and a compiled copy of the same sparse model side by side,
+with the engine's topology updates inside the loop, and compare them step by step.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import sparsemom_ext as sm
+
+from conftest import seeded
+
+
+def wide_mlp(layout, density=0.05):
+    # 256 x 512: large and sparse enough that the mask layout's backend="auto" runs the
+    # sparse kernels in eager mode, so the compiled graph's dense path is compared to them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
+    return sm.sparsify(model, density=density, layout=layout, generator=seeded(1))
+
+
+def trainer(model, growth):
+    optimizer = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    engine = sm.SparseMomentum(model, optimizer, prune_rate=0.3, update_every=3, total_steps=40, growth=growth,
+                               window=2)
+    return optimizer, engine
+
+
+def train_side_by_side(layout, growth, steps=13, **compile_args):
+    """Losses of an eager and a compiled copy trained alike; the number of graphs compiled."""
+    eager = wide_mlp(layout)
+    compiled = copy.deepcopy(eager)
+    runs = [(eager, eager, *trainer(eager, growth)),
+            (compiled, torch.compile(compiled, **compile_args), *trainer(compiled, growth))]
+    torch._dynamo.reset()
+    counters.clear()
+    data = seeded(5)
+    loss_fn = nn.CrossEntropyLoss()
+    losses = [[], []]
+    for _ in range(steps):
+        x, y = torch.randn(32, 256, generator=data), torch.randint(0, 10, (32,), generator=data)
+        for (model, forward, optimizer, engine), record in zip(runs, losses):
+            optimizer.zero_grad()
+            loss = loss_fn(forward(x), y)
+            loss.backward()
+            optimizer.step()
+            engine.step()
+            record.append(loss.item())
+    assert runs[0][3].updates == runs[1][3].updates == 4
+    assert [r.nnz for r in runs[0][3].history] == [r.nnz for r in runs[1][3].history]
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return losses, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("layout,growth", [("mask", "momentum"), ("mask", "gradient"), ("csr", "random")])
+def test_fullgraph_training_with_updates_equals_eager_in_two_graphs(layout, growth):
+    (eager, compiled), graphs = train_side_by_side(layout, growth, fullgraph=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    # csr: the first update changes nnz, which then becomes symbolic; mask: shapes never change.
+    assert graphs <= 2, graphs
+
+
+def test_growth_that_reads_batches_breaks_the_graph_and_says_why():
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="reads the batches of '0.values'"):
+        train_side_by_side("csr", "momentum", steps=1, fullgraph=True)
+    (eager, compiled), graphs = train_side_by_side("csr", "momentum")  # graph breaks at the probed layers
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_sparse_backend_cannot_be_captured_and_says_so():
+    layer = sm.SparseLinear(64, 32, density=0.1, backend="sparse")
+    with pytest.raises(Exception, match="backend='sparse'\\) cannot be captured"):
+        torch.compile(layer, fullgraph=True)(torch.randn(4, 64))
+
+
+@pytest.mark.parametrize("layout", ["mask", "csr"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_equals_eager(layout, strict):
+    model = wide_mlp(layout).eval()
+    x = torch.randn(8, 256, generator=seeded(2))
+    program = torch.export.export(model, (x,), strict=strict)
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["mask", "csr"])
+def test_jit_trace_equals_eager(layout):
+    model = wide_mlp(layout).eval()
+    x = torch.randn(8, 256, generator=seeded(2))
+    traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(torch.randn(8, 256, generator=seeded(3))),
+                               model(torch.randn(8, 256, generator=seeded(3))), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- autocast
+@pytest.mark.parametrize("layout", ["mask", "csr"])
+def test_autocast_bf16_training_step(layout):
+    model = wide_mlp(layout, density=0.1)
+    reference = copy.deepcopy(model)
+    optimizer, engine = trainer(model, "random")
+    x, y = torch.randn(16, 256, generator=seeded(4)), torch.randint(0, 10, (16,), generator=seeded(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+    assert out.dtype == torch.bfloat16  # as nn.Linear gives under autocast
+    loss.backward()
+    sparse = [p for p in model.parameters() if p.grad is not None]
+    assert sparse and all(p.grad.dtype == torch.float32 for p in sparse)  # the parameters stay float32
+    torch.testing.assert_close(out.float(), reference(x), rtol=0.05, atol=0.05)
+    optimizer.step()
+    engine.step()
+
+
+def test_autocast_csr_linear_accumulates_in_float32():
+    layer = sm.CsrLinear.from_dense(nn.Linear(2048, 8), density=0.5, generator=seeded(0))
+    x = torch.randn(4, 2048, generator=seeded(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    # The exact product of the bf16-rounded operands, accumulated in float64: a bf16
+    # accumulation over ~1000 terms per output would be off by far more than one bf16 rounding.
+    exact = nn.functional.linear(x.bfloat16().double(), layer.dense_weight().bfloat16().double(),
+                                 layer.bias.bfloat16().double())
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=1e-2)
+
+
+# ---------------------------------------------------------------- double backward
+@pytest.mark.parametrize("layout", ["csr", "mask-sparse"])
+def test_double_backward_is_refused_clearly(layout):
+    dense = nn.Linear(16, 8, dtype=torch.float64)
+    layer = (sm.CsrLinear.from_dense(dense, density=0.5, generator=seeded(0)) if layout == "csr"
+             else sm.SparseLinear.from_dense(dense, density=0.5, generator=seeded(0)))
+    if layout != "csr":
+        layer.backend = "sparse"
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x).square().sum()
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(out, x, create_graph=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x)  # first order still works
+    assert grad.shape == x.shape and grad.abs().sum() > 0
