@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["INT32_MAX", "Relayout", "check_canonical_structure", "check_structure", "csr_from_mask", "csr_to_dense", "csr_to_mask",
-           "csr_values_from_dense", "flat_indices", "relayout_plan", "structure_from_flat"]
+__all__ = ["INT32_MAX", "Relayout", "check_canonical_structure", "check_structure", "csr_from_mask", "csr_to_dense",
+           "csr_to_mask", "csr_values_from_dense", "flat_indices", "relayout_plan", "structure_from_flat"]
 
 
 #: The largest nnz and the largest column count of a structure: its indices are int32.

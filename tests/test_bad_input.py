@@ -419,7 +419,8 @@ def malformed_structures(draw):
     mask[0, 0] = True  # at least one nonzero to break
     row_ptr, col_idx = sm.ops.csr_from_mask(mask)
     nnz = col_idx.numel()
-    how = draw(st.sampled_from(["col below 0", "col past n_cols", "row_ptr decreasing", "row_ptr end", "row_ptr start"]))
+    how = draw(st.sampled_from(["col below 0", "col past n_cols", "row_ptr decreasing", "row_ptr end",
+                                "row_ptr start"]))
     k = draw(st.integers(0, nnz - 1))
     if how == "col below 0":
         col_idx[k] = draw(st.sampled_from([-1, -n_cols, -2**31]))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sparsemom_ext as sm
-from sparsemom_ext.train import cli, models, speedup
+from sparsemom_ext.train import checkpoint, cli, models, speedup
 from sparsemom_ext.train.data import _random_crop_and_flip, load_dataset
 
 TINY = ["--train-size", "400", "--test-size", "200", "--batch-size", "25", "--compare-dense", "3",
@@ -105,8 +105,8 @@ def test_resume_continues_to_the_identical_result(tmp_path):
     whole = train(tmp_path, *options, "--save", str(tmp_path / "a-{epoch}.pt"), name="whole")
     resumed = train(tmp_path, *options, "--resume", str(tmp_path / "a-1.pt"),
                     "--save", str(tmp_path / "b-{epoch}.pt"), name="resumed")
-    a = torch.load(tmp_path / "a-3.pt", weights_only=True)
-    b = torch.load(tmp_path / "b-3.pt", weights_only=True)
+    a = checkpoint.load_checkpoint(tmp_path / "a-3.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "b-3.pt")
     for key in ("model", "optimizer", "scheduler", "engine", "engine_history", "rng", "epoch"):
         compare_states(a[key], b[key], key)
     assert a["engine"]["updates"] == 2
@@ -127,9 +127,9 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
 
 def test_resume_accepts_an_option_newer_than_the_checkpoint_at_its_default(tmp_path, capsys):
     train(tmp_path, "--epochs", "1", "--save", str(tmp_path / "c.pt"))
-    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state = checkpoint.load_checkpoint(tmp_path / "c.pt")
     del state["config"]["prune_decay"]  # as if --prune-decay had been added after the checkpoint was written
-    torch.save(state, tmp_path / "old.pt")
+    checkpoint.write_checkpoint(tmp_path / "old.pt", state)
     train(tmp_path, "--epochs", "1", "--resume", str(tmp_path / "old.pt"))
     assert "resumed from" in capsys.readouterr().out
     with pytest.raises(SystemExit) as info:
@@ -289,3 +289,186 @@ def test_a_diverging_run_stops_at_that_epoch_with_a_message_and_exit_1(tmp_path,
     assert results["diverged"]["epoch"] == 1 and results["diverged"]["lr"] == 1e4
     assert results["epochs"] == [] and "test" not in results
     assert not list(tmp_path.glob("c-*.pt"))  # the diverged epoch is not checkpointed
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing trained
+def refused(capsys, *argv):
+    """Run the command expecting a refusal: exit status 2, one line on stderr, no epoch trained."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, "--epochs", "1", *argv])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.endswith("\n"), captured.err
+    assert "Traceback" not in captured.err and "epoch 1/1" not in captured.out
+    return captured.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "inf"], "argument --lr: must be in (0, 1e6], got inf"),
+    (["--lr=-inf"], "argument --lr: must be in (0, 1e6], got -inf"),
+    (["--lr", "1e308"], "argument --lr: must be in (0, 1e6], got 1e308"),
+    (["--lr", "nan"], "argument --lr: must be in (0, 1e6], got nan"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be in [0, 1], got inf"),
+    (["--weight-decay", "1e308"], "argument --weight-decay: must be in [0, 1], got 1e308"),
+    (["--lr-decay", "inf"], "argument --lr-decay: must be in (0, 1], got inf"),
+    (["--candidates", "inf"], "argument --candidates: must be > 0, got inf"),
+    (["--momentum", "inf"], "argument --momentum: must be in [0, 1), got inf"),
+])
+def test_numbers_must_be_finite_and_in_range_at_parse_time(capsys, argv, message):
+    err = refused(capsys, *argv)
+    assert message in err and "usage: sparsemom-train" in err
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A checkpoint of a one-epoch run, and the options that resume it."""
+    folder = tmp_path_factory.mktemp("saved")
+    options = ["--density", "0.2", "--compare-dense", "0"]
+    assert cli.main([*TINY, "--epochs", "1", *options, "--save", str(folder / "c.pt")]) == 0
+    return folder / "c.pt", options
+
+
+def resume_refused(capsys, saved_run, path):
+    return refused(capsys, *saved_run[1], "--resume", str(path))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused(tmp_path, capsys, saved_run):
+    data = bytearray(saved_run[0].read_bytes())
+    for at in range(len(data) // 2, len(data) // 2 + 64):  # inside the payload: the tensors' bytes
+        data[at] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    err = resume_refused(capsys, saved_run, tmp_path / "flipped.pt")
+    assert "the checkpoint is damaged (the sha256 of its payload does not match" in err
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "code", "truncated"])
+def test_a_malformed_resume_file_is_one_line_without_torch_text(tmp_path, capsys, saved_run, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "code":
+        torch.save(RunsCode(), path)  # weights_only=True must refuse to run it
+    else:
+        path.write_bytes(saved_run[0].read_bytes()[:1000])
+    err = resume_refused(capsys, saved_run, path)
+    assert f"--resume {path}: not a checkpoint of this training command" in err
+    assert "weights_only=False" not in err and not RunsCode.ran
+
+
+class RunsCode:
+    """A pickle that would call a function on load (it only records that it ran)."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (setattr, (RunsCode, "ran", True))
+
+
+def edited_checkpoint(tmp_path, saved_run, edit):
+    """The saved checkpoint with ``edit`` applied to its state, written with a valid sha256."""
+    state = checkpoint.load_checkpoint(saved_run[0])
+    edit(state)
+    checkpoint.write_checkpoint(tmp_path / "edited.pt", state)
+    return tmp_path / "edited.pt"
+
+
+def flip_first_mask(state, to_float=False):
+    layer = sorted(state["engine"]["layers"])[0]
+    mask = state["engine"]["layers"][layer]["mask"]
+    state["engine"]["layers"][layer]["mask"] = mask.float() * 0.5 if to_float else mask.roll(1, 0)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("config"), "the checkpoint has no 'config' entry"),
+    (lambda s: s.pop("engine"), "the checkpoint has no 'engine' entry"),
+    (lambda s: s["rng"].pop("numpy"), "the checkpoint's 'rng' entry has no ['numpy']"),
+    (lambda s: s.update(epoch="1"), "the checkpoint's 'epoch' entry is a str"),
+    (flip_first_mask, "the checkpoint's state of the engine does not fit this run: the engine's mask of 'fc1.weight' "
+                      "differs from the model's"),
+    (lambda s: flip_first_mask(s, to_float=True), "state_dict mask of 'fc1.weight' must be a bool tensor"),
+    (lambda s: s["engine"].pop("generator"), "state_dict is missing ['generator']"),
+    (lambda s: s["model"].pop("fc2.mask"), "the checkpoint's state of the model does not fit this run"),
+    (lambda s: s["model"].update({"fc2.mask": s["model"]["fc2.mask"] * 0.5}),
+     "the checkpoint's state of the model does not fit this run: its 'fc2.mask' is torch.float32, the model's is "
+     "torch.bool"),
+])
+def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(tmp_path, capsys, saved_run, edit, message):
+    err = resume_refused(capsys, saved_run, edited_checkpoint(tmp_path, saved_run, edit))
+    assert message in err, err
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_with_its_format(tmp_path, capsys, saved_run):
+    state = checkpoint.load_checkpoint(saved_run[0])
+    torch.save({**state, "format": 2}, tmp_path / "old.pt")  # format 2: the state itself, no sha256
+    err = resume_refused(capsys, saved_run, tmp_path / "old.pt")
+    assert "a checkpoint of format 2, written by an older version of this command; this one reads format 3" in err
+
+
+@pytest.mark.parametrize("option,target,message", [
+    ("--save", "{file}/c.pt", "{file} is not a directory"),
+    ("--save", "{file}/sub/c-{epoch}.pt", "{file} is not a directory"),
+    ("--json", "{tmp}", "is a directory; give the path of a file"),
+    ("--json", "/dev/full", "exists and is not a regular file"),
+    ("--plot", "{file}", "exists and is not a directory"),
+])
+def test_output_paths_that_cannot_be_written_are_refused_before_training(tmp_path, capsys, option, target, message):
+    (tmp_path / "file").write_text("a regular file")
+    fill = {"{file}": str(tmp_path / "file"), "{tmp}": str(tmp_path)}
+    for key, value in fill.items():
+        target, message = target.replace(key, value), message.replace(key, value)
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    err = refused(capsys, option, target)
+    assert f"{option} {target}: {message}" in err, err
+
+
+def test_an_output_on_a_full_device_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    # The probe write fails as on a full device; the run must not start.
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", full)
+    err = refused(capsys, "--json", str(tmp_path / "out" / "run.json"))
+    assert f"--json {tmp_path / 'out' / 'run.json'}: cannot write in {tmp_path} (No space left on device)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_write_failing_during_the_run_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full)
+    with pytest.raises(SystemExit) as info:
+        cli.main([*TINY, "--epochs", "1", "--compare-dense", "0", "--save", str(tmp_path / "c.pt")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"sparsemom-train: error: --save {tmp_path / 'c.pt'}: cannot write it (No space left on device)\n"
+
+
+def idx_int32_bytes(arr):
+    arr = np.asarray(arr, dtype=np.int64)
+    return bytes([0, 0, 0x0C, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.astype(">i4").tobytes()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no test images", "the test split has no images"),
+    ("label -1", "the training split has labels in [-1, 2]; they must be class indices in [0, 65536)"),
+    ("label 2**31-1", "the test split has labels in [0, 2147483647]; they must be class indices in [0, 65536)"),
+    ("0x0 images", "the training split has images of shape (1, 0, 0); they must be (C, H, W) with at least one "
+                   "pixel"),
+])
+def test_bad_data_is_refused_before_training(tmp_path, capsys, case, message):
+    root = tmp_path / "idx"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 40), ("t10k", 0 if case == "no test images" else 10)):
+        side = 0 if case == "0x0 images" else 6
+        labels = rng.integers(0, 3, n)
+        if case == "label -1" and stem == "train":
+            labels[5] = -1
+        if case == "label 2**31-1" and stem == "t10k":
+            labels[3] = 2**31 - 1
+        (root / f"{stem}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 255, (n, side, side))))
+        (root / f"{stem}-labels-idx1-ubyte").write_bytes(idx_int32_bytes(labels))
+    err = refused(capsys, "--dataset", "idx", "--data-dir", str(root), "--train-size", "40", "--test-size", "10")
+    assert message in err, err

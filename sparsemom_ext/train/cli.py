@@ -10,14 +10,21 @@ initial distribution, prune rate 0.5 decayed by cosine to 0.005, topology update
 every epoch end, 10% of the training set held out for validation. Every one can be
 overridden.
 
-Bad arguments (an unknown model, a density outside (0, 1], a missing data directory,
-options the engine rejects together, ``--device cuda`` without CUDA, ...) end the
-command with a one-line message naming the option and exit status 2.
+Bad arguments (an unknown model, a density outside (0, 1], a learning rate that is not
+finite, a missing data directory, data with no test images or labels out of range,
+options the engine rejects together, ``--device cuda`` without CUDA, an output path
+that cannot be written, a damaged or foreign ``--resume`` checkpoint, ...) end the
+command with a one-line message naming the option and exit status 2, before the first
+epoch: nothing trains to fail at the end.
 """
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -40,6 +47,9 @@ __all__ = ["DEFAULT_LR", "build_parser", "console_main", "main", "run_command"]
 
 #: The learning rate when ``--lr`` is not given: the paper's SGD rate, Adam's usual one.
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+#: The largest ``--lr``: far past any rate that trains (a run diverges, and says so, well below
+#: it), and low enough that the steps' arithmetic stays finite.
+MAX_LR = 1e6
 
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False, what=""):
@@ -51,7 +61,7 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False, what="")
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         below = low is not None and (value <= low if low_open else value < low)
         above = high is not None and (value >= high if high_open else value > high)
-        if below or above or value != value:  # value != value: NaN
+        if below or above or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     return parse
@@ -75,6 +85,17 @@ def _widths(text: str):
     return widths
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (usage: {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the uninformative None / False of optional values and flags."""
 
@@ -86,7 +107,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the training command (defaults: the paper's reference settings)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sparsemom-train",
         description="Train a sparse network from scratch with sparse momentum (or dense with --dense) and report "
                     "test error, per-layer density and the speed-up over dense: estimated (the paper's method) "
@@ -155,17 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size of validation and test evaluation (does not change results)")
     g.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd",
                    help="sparsemom_ext.optim SGD / Adam / AdamW (steps fused with the masks)")
-    g.add_argument("--lr", type=_number(float, 0.0, low_open=True, what="positive"), default=None,
+    g.add_argument("--lr", type=_number(float, 0.0, MAX_LR, low_open=True, what="in (0, 1e6]"), default=None,
                    help="learning rate (default: 0.1 for sgd, 0.001 for adam/adamw)")
     g.add_argument("--momentum", type=_number(float, 0.0, 1.0, high_open=True, what="in [0, 1)"), default=0.9,
                    help="SGD momentum")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum (sgd)")
-    g.add_argument("--weight-decay", type=_number(float, 0.0, what="non-negative"), default=5e-4,
+    g.add_argument("--weight-decay", type=unit, default=5e-4,
                    help="L2 penalty (decoupled for adamw)")
     g.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
                    help="step: x--lr-decay every --lr-decay-every iterations; cosine: to 0 over the run")
     g.add_argument("--lr-decay-every", type=positive_int, default=25000, help="iterations between lr steps")
-    g.add_argument("--lr-decay", type=_number(float, 0.0, low_open=True, what="positive"), default=0.1,
+    g.add_argument("--lr-decay", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.1,
                    help="factor of each lr step")
     g.add_argument("--seed", type=_number(int, 0, what="a non-negative integer"), default=0,
                    help="seeds the initial weights, masks, validation split, shuffling and the engine")
@@ -217,6 +238,7 @@ def run_command(args, argv: List[str]) -> dict:
             plots.require_matplotlib()
         except ImportError as exc:
             raise ConfigError(str(exc)) from exc
+    _check_outputs(args)
     threads = torch.get_num_threads()
     try:
         # Both are process-wide settings: put back afterwards, for callers of main() in a
@@ -229,6 +251,54 @@ def run_command(args, argv: List[str]) -> dict:
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
+
+
+def _check_writable(option: str, path: Path, directory: bool = False, given: Optional[Path] = None) -> None:
+    """ConfigError naming ``option`` unless files can be written at ``path`` (``directory``: in the
+    folder ``path``): found before the first epoch instead of after the run, whose results would be lost.
+    ``given``: the option's value as given, named in the message (default ``path``)."""
+    given = path if given is None else given
+    folder = path if directory else path.parent
+    if directory and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {given}: exists and is not a directory")
+    if not directory and path.is_dir():
+        raise ConfigError(f"{option} {given}: is a directory; give the path of a file")
+    if not directory and path.exists() and not path.is_file():
+        raise ConfigError(f"{option} {given}: exists and is not a regular file")
+    if not directory and path.is_file() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {given}: the file is not writable")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {given}: {existing} is not a directory")
+    try:  # a few bytes, flushed to the device: a read-only or full one refuses them
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise ConfigError(f"{option} {given}: cannot write in {existing} ({exc.strerror or exc})") from exc
+
+
+def _check_outputs(args) -> None:
+    if args.save is not None:
+        _check_writable("--save", Path(str(args.save).replace("{epoch}", "1")), given=args.save)
+    if args.json is not None:
+        _check_writable("--json", args.json)
+    if args.plot is not None:
+        _check_writable("--plot", args.plot, directory=True)
+        for name in plots.PLOT_FILES:
+            _check_writable("--plot", args.plot / name)
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: Path):
+    """An output that fails after the checks (the device filled up during the run) as a ConfigError."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write it ({exc.strerror or exc})") from exc
 
 
 def _train_and_report(args, argv: List[str], device: torch.device, started: float) -> dict:
@@ -246,7 +316,9 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
             record = run.train_epoch(args.progress)
             print(report.epoch_line(record, args.epochs), flush=True)
             if args.save is not None:
-                checkpoint.save_checkpoint(Path(str(args.save).replace("{epoch}", str(run.epoch))), run, config)
+                path = Path(str(args.save).replace("{epoch}", str(run.epoch)))
+                with _writing("--save", path):
+                    checkpoint.save_checkpoint(path, run, config)
     except TrainingDiverged as exc:
         # What was learnt up to the divergence still goes to --json, marked as diverged.
         _write_json(args, {"diverged": {"epoch": exc.epoch, "train_loss": str(exc.train_loss), "lr": exc.lr},
@@ -259,8 +331,9 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
     _write_json(args, results)
     if args.plot is not None:
         title = f"{args.model} on {args.dataset}, " + ("dense" if args.dense else f"density {args.density}")
-        for path in plots.write_plots(results, args.plot, title):
-            print(f"wrote {path}")
+        with _writing("--plot", args.plot):
+            for path in plots.write_plots(results, args.plot, title):
+                print(f"wrote {path}")
     return results
 
 
@@ -273,15 +346,16 @@ def _run_facts(args, argv: List[str], config: dict, device: torch.device, starte
 
 def _write_json(args, results: dict) -> None:
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        with _writing("--json", args.json):
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (default: the command line), train, report; 0 on success.
 
-    Bad options exit with status 2 and a message naming the option (SystemExit). A run
+    Bad options exit with status 2 and a one-line message naming the option (SystemExit). A run
     whose training loss becomes NaN or infinite stops at the end of that epoch with a
     message and returns 1 (its checkpoints end at the last finite epoch).
     """
@@ -291,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run_command(args, argv)
     except (ConfigError, DataError) as exc:
-        parser.error(str(exc))
+        parser.exit(2, f"{parser.prog}: error: {_one_line(exc)}\n")
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

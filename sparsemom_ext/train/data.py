@@ -14,7 +14,7 @@ import torch
 
 from .. import data as sm_data
 
-__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "MAX_CLASSES", "DataError", "Dataset", "load_dataset"]
 
 DATASETS = ("mnist", "idx", "cifar10")
 
@@ -23,6 +23,9 @@ DATASETS = ("mnist", "idx", "cifar10")
 _MNIST_MEAN_STD = ((0.1307,), (0.3081,))
 _CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 _CROP_PADDING = 4
+#: Labels must be below this: a label is a class index, and the classifier has one output per
+#: class, so a stray huge label would ask for a huge model.
+MAX_CLASSES = 2**16
 
 
 class DataError(ValueError):
@@ -105,6 +108,25 @@ def _read(name: str, data_dir: Optional[Path], split: str):
         raise DataError(f"--dataset {name}" + (f" --data-dir {data_dir}" if data_dir else "") + f": {exc}") from exc
 
 
+def _check_split(name: str, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """DataError unless the split has images of at least one pixel, one integer label in
+    [0, MAX_CLASSES) per image: checked before a model is built from them."""
+    where = f"--dataset {name}: the {split} split"
+    if len(images) == 0:
+        raise DataError(f"{where} has no images")
+    if images.dim() != 4 or 0 in images.shape[1:]:
+        raise DataError(f"{where} has images of shape {tuple(images.shape[1:])}; they must be (C, H, W) with at "
+                        "least one pixel")
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise DataError(f"{where} has {len(images)} images and labels of shape {tuple(labels.shape)}; it needs "
+                        "one label per image")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DataError(f"{where} has {labels.dtype} labels; they must be integer class indices")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= MAX_CLASSES:
+        raise DataError(f"{where} has labels in [{low}, {high}]; they must be class indices in [0, {MAX_CLASSES})")
+
+
 def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 0.1, seed: int = 0,
                  train_size: Optional[int] = None, test_size: Optional[int] = None) -> Dataset:
     """Load ``name`` ("mnist", "idx" or "cifar10") and hold out a validation split.
@@ -122,7 +144,9 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 
     classes is the largest label + 1.
 
     Raises :class:`DataError` (a ValueError) naming the option for a missing
-    directory, missing or malformed files, or a split that leaves nothing to train on.
+    directory, missing or malformed files, a split that leaves nothing to train on, no
+    test images, images without pixels, or labels that are not class indices in
+    ``[0, MAX_CLASSES)``.
     """
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
@@ -133,6 +157,8 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 
     test_images, test_labels = _read(name, data_dir, "test")
     x, y = _as_nchw(train_images)[:train_size], torch.from_numpy(train_labels)[:train_size]
     test_x, test_y = _as_nchw(test_images)[:test_size], torch.from_numpy(test_labels)[:test_size]
+    _check_split(name, "training", x, y)
+    _check_split(name, "test", test_x, test_y)
     if test_x.shape[1:] != x.shape[1:]:
         raise DataError(f"--dataset {name}: training images are {tuple(x.shape[1:])}, test images "
                         f"{tuple(test_x.shape[1:])}; they must have the same shape")
@@ -149,6 +175,6 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 
     else:
         pixels = train_x.transpose(0, 1).reshape(train_x.shape[1], -1).double().div_(255.0)
         mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-6).tolist()
-    num_classes = int(max(int(y.max()), int(test_y.max()) if len(test_y) else 0)) + 1
+    num_classes = max(int(y.max()), int(test_y.max())) + 1
     return Dataset(name, train_x, train_y, x[val_idx], y[val_idx], test_x, test_y,
                    torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32), num_classes)
