@@ -4,6 +4,8 @@ The model is an MLP (default 784-4096-4096-4096-10, ReLU) trained on MNIST batch
 SGD (Nesterov, momentum 0.9, weight decay 5e-4) and cross-entropy. Rows:
 
 - ``dense``: ``nn.Linear`` layers and ``torch.optim.SGD``: the baseline;
+- ``compiled/dense``, ``compiled/csr/<growth>`` (``--compile``): the same under ``torch.compile``
+  (the model's forward and backward; the engine steps eagerly);
 - ``csr/<growth>``: every layer a ``CsrLinear`` (``sparsify(layout="csr")``) at ``--density``,
   ``sm.optim.SGD`` and a ``SparseMomentum`` engine with that growth, updating the
   topology every ``--period`` steps (default 540: once per MNIST epoch at batch 100, the
@@ -56,7 +58,7 @@ def training_memory(model, optimizer) -> int:
 class Run:
     """One model, its optimizer and engine, stepping through the data."""
 
-    def __init__(self, name, widths, density, growth, period, device, data, seed=0):
+    def __init__(self, name, widths, density, growth, period, device, data, seed=0, compiled=False):
         torch.manual_seed(seed)
         self.name, self.data, self.cursor = name, data, 0
         self.model = mlp(widths).to(device)
@@ -69,12 +71,14 @@ class Run:
             self.optimizer = sm.optim.SGD(self.model.parameters(), **sgd)
             self.engine = sm.SparseMomentum(self.model, self.optimizer, update_every=period,
                                             total_steps=1 << 40, growth=growth)
+        # Not fullgraph: growths that read batches break the graph at each layer's hook.
+        self.forward = torch.compile(self.model) if compiled else self.model
 
     def step(self):
         x, y = self.data[self.cursor % len(self.data)]
         self.cursor += 1
         self.optimizer.zero_grad()
-        F.cross_entropy(self.model(x), y).backward()
+        F.cross_entropy(self.forward(x), y).backward()
         self.optimizer.step()
         if self.engine is not None:
             self.engine.step()
@@ -102,6 +106,9 @@ def main():
     parser.add_argument("--dense-steps", type=int, default=30, help="dense steps per repeat")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--compile", default="",
+                        help="growths (comma-separated) whose csr model also runs under torch.compile, "
+                             "beside a compiled dense model")
     parser.add_argument("--json", default="bench/results/training.json")
     args = parser.parse_args()
     env = environment(args.threads)
@@ -124,6 +131,16 @@ def main():
     runs = {"dense": Run("dense", widths, 1.0, None, args.period, args.device, data)}
     for growth in args.growth.split(","):
         runs[f"csr/{growth}"] = Run(f"csr/{growth}", widths, args.density, growth, args.period, args.device, data)
+    if args.compile:
+        # Models of one class share compiled code, and by default dynamo does not guard on
+        # module hooks: a graph traced for a model without the engine's batch hooks would run
+        # another model's layers without theirs.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        runs["compiled/dense"] = Run("compiled/dense", widths, 1.0, None, args.period, args.device, data,
+                                     compiled=True)
+        for growth in args.compile.split(","):
+            runs[f"compiled/csr/{growth}"] = Run(f"compiled/csr/{growth}", widths, args.density, growth,
+                                                 args.period, args.device, data, compiled=True)
     for run in runs.values():  # warm-up; also creates the optimizer state measured below
         timed_steps(run, 3, sync)
     memory = {name: training_memory(run.model, run.optimizer) for name, run in runs.items()}
@@ -153,7 +170,7 @@ def main():
     for name in runs:
         per_step = statistics.median(amortised[name])
         records.append({
-            "impl": name, "widths": widths, "density": 1.0 if name == "dense" else args.density,
+            "impl": name, "widths": widths, "density": 1.0 if name.endswith("dense") else args.density,
             "batch": args.batch, "period": args.period, "device": args.device,
             "median_step_ms": statistics.median(step_times[name]),
             "amortised_ms": per_step,

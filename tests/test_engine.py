@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sparsemom_ext as sm
@@ -397,6 +397,9 @@ def test_optimizer_state_follows_the_weights(opt_name, growth):
     mixed=st.booleans(),
     seed=st.integers(0, 1000),
 )
+# Global scope: Linear(3, 1) has room for fewer candidates than the pruning freed.
+@example(sizes=[4, 3, 1, 4], density=0.5, rate=1.0, growth="momentum", prune="magnitude",
+         redistribution="momentum", scope="global", sampling="grabo", candidates=0.5, mixed=False, seed=0)
 def test_property_counts_are_exact_and_structures_stay_canonical(sizes, density, rate, growth, prune, redistribution,
                                                                   scope, sampling, candidates, mixed, seed):
     if scope == "global" and growth == "random":

@@ -281,16 +281,25 @@ class SparseMomentum:
         if limits:
             total = min(total, sum(limits))
         device = values[0].device
-        keep_all = keep_after_prune(torch.cat([v.to(device) for v in values]), total, self.options.prune)
-        keeps = [k.to(f.device) for k, f in zip(keep_all.split(counts), flats)]
-        offers = []
-        for w, f, k, p in zip(self.weights, flats, keeps, pools):
-            positions, scores, state = p.scored(f[k])
-            room = min(w.capacity, w.numel) - int(k.sum())
-            if positions.numel() > room:  # a layer never takes more than its room: offer its best
-                best = top_scores(scores, room)
-                positions, scores, state = positions[best], scores[best], {key: t[best] for key, t in state.items()}
-            offers.append((positions, scores, state))
+        all_values = torch.cat([v.to(device) for v in values])
+        while True:
+            keep_all = keep_after_prune(all_values, total, self.options.prune)
+            keeps = [k.to(f.device) for k, f in zip(keep_all.split(counts), flats)]
+            offers = []
+            for w, f, k, p in zip(self.weights, flats, keeps, pools):
+                positions, scores, state = p.scored(f[k])
+                room = min(w.capacity, w.numel) - int(k.sum())
+                if positions.numel() > room:  # a layer never takes more than its room: offer its best
+                    best = top_scores(scores, room)
+                    positions, scores = positions[best], scores[best]
+                    state = {key: t[best] for key, t in state.items()}
+                offers.append((positions, scores, state))
+            offered = sum(pos.numel() for pos, _, _ in offers)
+            if offered >= total:
+                break
+            # Candidates cut to their layers' room can fall short of what was pruned: prune
+            # only what can regrow (fewer pruned leave less room, so repeat; total falls each time).
+            total = offered
         chosen_all = top_scores(torch.cat([s.to(device) for _, s, _ in offers]), total)
         chosen = chosen_all.split([s.numel() for _, s, _ in offers])
         grown = [(pos[c.to(pos.device)], {key: t[c.to(t.device)] for key, t in state.items()} or None)
