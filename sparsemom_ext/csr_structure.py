@@ -137,14 +137,27 @@ def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) 
     return dense
 
 
-def flat_indices(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
-    """The sorted int64 flat indices ``row * n_cols + col`` of a canonical CSR structure."""
+def _flat(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
     return _row_of_each_nonzero(row_ptr) * n_cols + col_idx.long()
 
 
+def flat_indices(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """The int64 flat indices ``row * n_cols + col`` of a CSR structure (checked:
+    :func:`check_structure`), sorted when the structure is canonical."""
+    check_structure(row_ptr, col_idx, n_cols)
+    return _flat(row_ptr, col_idx, n_cols)
+
+
 def structure_from_flat(flat: Tensor, n_rows: int, n_cols: int) -> Tuple[Tensor, Tensor]:
-    """``(row_ptr, col_idx)`` (int32) of the sorted, distinct flat indices ``flat``."""
+    """``(row_ptr, col_idx)`` (int32) of the sorted, distinct flat indices ``flat`` of an
+    ``n_rows x n_cols`` matrix; ValueError naming ``flat`` unless they are that."""
+    if not isinstance(flat, Tensor) or flat.dtype != torch.int64 or flat.dim() != 1:
+        got = f"{flat.dtype} of shape {tuple(flat.shape)}" if isinstance(flat, Tensor) else type(flat).__name__
+        raise ValueError(f"flat must be a 1-D int64 tensor, got {got}")
     _check_fits_int32(flat.numel(), n_cols)
+    if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= n_rows * n_cols
+                         or (flat.numel() > 1 and not bool((flat.diff() > 0).all()))):
+        raise ValueError(f"flat must be sorted, distinct flat indices in [0, n_rows * n_cols = {n_rows * n_cols})")
     if flat.numel() == 0:  # also covers n_cols == 0, where // and % would divide by zero
         return torch.zeros(n_rows + 1, dtype=torch.int32, device=flat.device), flat.to(torch.int32)
     counts = torch.bincount(flat // n_cols, minlength=n_rows)
@@ -157,7 +170,7 @@ def check_canonical_structure(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_c
     """Raise ValueError naming the argument unless ``(row_ptr, col_idx)`` is a canonical
     structure of an ``n_rows x n_cols`` matrix (the rules of the module docstring)."""
     check_structure(row_ptr, col_idx, n_cols, n_rows=n_rows)
-    flat = flat_indices(row_ptr, col_idx, n_cols)
+    flat = _flat(row_ptr, col_idx, n_cols)
     if col_idx.numel() > 1 and not bool((flat.diff() > 0).all()):
         raise ValueError("col_idx must be strictly increasing within each row (sorted, no repeated column)")
 

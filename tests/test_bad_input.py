@@ -173,6 +173,8 @@ def test_momentum_buffer_is_ignored_without_momentum():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from sparsemom_ext.csr_structure import flat_indices, structure_from_flat  # noqa: E402
+
 from conftest import mlp, seeded, train_steps  # noqa: E402
 
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
@@ -442,7 +444,8 @@ def malformed_structures(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=malformed_structures(), op=st.sampled_from(["csr_to_mask", "csr_to_dense", "csr_values_from_dense"]))
+@given(case=malformed_structures(),
+       op=st.sampled_from(["csr_to_mask", "csr_to_dense", "csr_values_from_dense", "flat_indices"]))
 def test_property_structure_conversions_refuse_malformed_structures_naming_the_argument(case, op):
     row_ptr, col_idx, n_cols, words = case
     values = torch.randn(col_idx.numel(), generator=seeded(1))
@@ -452,11 +455,29 @@ def test_property_structure_conversions_refuse_malformed_structures_naming_the_a
         "csr_to_mask": lambda: sm.ops.csr_to_mask(row_ptr, col_idx, n_cols),
         "csr_to_dense": lambda: sm.ops.csr_to_dense(values, row_ptr, col_idx, n_cols),
         "csr_values_from_dense": lambda: sm.ops.csr_values_from_dense(weight, row_ptr, col_idx),
+        "flat_indices": lambda: flat_indices(row_ptr, col_idx, n_cols),
     }[op]
     with pytest.raises(ValueError, match=re.escape(words)):
         call()
     for t, b in zip((row_ptr, col_idx, values, weight), before):
         assert torch.equal(t, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(flat=st.lists(st.integers(-3, 40), min_size=1, max_size=12), n_rows=st.integers(1, 5),
+       n_cols=st.integers(1, 8))
+def test_property_structure_from_flat_takes_only_sorted_distinct_indices_in_the_matrix(flat, n_rows, n_cols):
+    flat = torch.tensor(flat)
+    valid = bool((flat.diff() > 0).all()) and int(flat.min()) >= 0 and int(flat.max()) < n_rows * n_cols
+    if valid:
+        row_ptr, col_idx = structure_from_flat(flat, n_rows, n_cols)
+        assert torch.equal(flat_indices(row_ptr, col_idx, n_cols), flat)
+    else:
+        with pytest.raises(ValueError, match=re.escape(
+                f"flat must be sorted, distinct flat indices in [0, n_rows * n_cols = {n_rows * n_cols})")):
+            structure_from_flat(flat, n_rows, n_cols)
+    with pytest.raises(ValueError, match="flat must be a 1-D int64 tensor, got torch.int32"):
+        structure_from_flat(flat.int(), n_rows, n_cols)
 
 
 @pytest.mark.parametrize("call,words", [
@@ -485,7 +506,6 @@ def test_csr_from_mask_refuses_a_structure_past_int32_before_allocating_it():
         sm.ops.csr_from_mask(mask)
     with pytest.raises(ValueError, match=re.escape("at most 2^31 columns (col_idx is int32), got n_cols = 2147483649")):
         sm.ops.csr_from_mask(torch.zeros(1, 1, dtype=torch.bool).expand(0, 2**31 + 1))
-    from sparsemom_ext.csr_structure import structure_from_flat
     with pytest.raises(ValueError, match=re.escape("at most 2^31 columns (col_idx is int32), got n_cols = 2147483649")):
         structure_from_flat(torch.tensor([5]), 1, 2**31 + 1)
 
