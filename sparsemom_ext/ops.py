@@ -332,7 +332,8 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
 
     ``(col_ptr, row_idx, perm)`` is ``csr_transpose(row_ptr, col_idx, in_features)``:
     the gradient of ``x`` is :func:`csr_spmm` on it, the gradient of ``values``
-    :func:`csr_sddmm`. Leading dimensions of ``x`` are flattened into the batch; the result
+    :func:`csr_sddmm`. ``perm`` must be a permutation of ``[0, nnz)`` (ValueError before the
+    forward otherwise; checked once per perm buffer until it is written to). Leading dimensions of ``x`` are flattened into the batch; the result
     is ``(*, n_rows)``, feature-major in memory. ``values`` may have idle slots past the
     structure's nnz (a :class:`~sparsemom_ext.nn.CsrLinear`'s fixed capacity): they are
     not read and their gradient is 0. The op makes ``x`` feature-major once

@@ -15,6 +15,10 @@ a :class:`~sparsemom_ext.nn.CsrLinear` carry their used slots
 (:func:`sparsemom_ext.sparsity.masks.used_slots_of`) and are stepped, fused, on those
 slots only: the idle ones (zero weight, gradient and state) cost nothing.
 
+Every group's hyperparameters are checked (finite, in range; ValueError naming
+``param_groups[i][...]``) before any parameter moves: torch.optim takes NaN and inf at
+construction and would step the groups before a bad one.
+
 Parameters whose group uses ``capturable``, ``differentiable`` or ``fused=True``,
 with a sparse gradient or one of another dtype, or of a dtype the kernels do not
 handle (complex), take the parent's step followed by a masked fill: same result,
