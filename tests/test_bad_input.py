@@ -585,3 +585,14 @@ def test_ops_without_a_backward_refuse_inputs_that_want_a_gradient(op, name):
     with torch.no_grad():  # no gradient wanted: the op runs
         out = calls[op]()
     assert not (out[0] if isinstance(out, tuple) else out).requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_a_mask_layer_refuses_a_mask_that_is_not_bool_and_changes_nothing(dtype):
+    layer = sm.SparseLinear(6, 4, density=0.5, generator=torch.Generator().manual_seed(0))
+    state = layer.state_dict()
+    state["mask"] = torch.full((4, 6), 0.5).to(dtype)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="mask of the layer must be a bool tensor"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())

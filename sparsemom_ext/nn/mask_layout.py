@@ -99,6 +99,11 @@ class _MaskLayoutMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        mask = state_dict.get(prefix + "mask")
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+            # copy_ would cast it: 0.5 would load as True without a word.
+            error_msgs.append(f"mask of {prefix or 'the layer'} must be a bool tensor, got {mask.dtype}")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # Copies are in place (the attachment survives), but assign=True replaces the
