@@ -303,13 +303,9 @@ void check_permutation(const at::Tensor& perm, const char* name) {
 }
 
 void check_permutation_once(const at::Tensor& perm, const char* name) {
-  // The layers pass a fresh slice of a fixed-capacity buffer each call: key a contiguous
-  // view on its base and its place in the storage (a view shares the base's version
-  // counter, so a write through either misses), or it would never be found again.
-  const bool keyed_on_base = perm.is_view() && perm.is_contiguous();
-  const at::Tensor& key = keyed_on_base ? static_cast<const at::Tensor&>(perm._base()) : perm;
-  const int64_t place = keyed_on_base ? (perm.storage_offset() << 32) | perm.numel() : -1;
-  memo_by_structure("permutation", {key}, place, [&] {
+  // Keyed on perm's memory and version: a layer's slice of its fixed-capacity buffer, or
+  // the alias of it a compiled backward gets, is found again until the buffer is written.
+  memo_by_structure("permutation", {perm}, 0, [&] {
     check_permutation(perm, name);
     return at::Tensor();
   });

@@ -69,10 +69,11 @@ void check_csr_content_once(const at::Tensor& row_ptr, const at::Tensor& col_idx
                             const at::Tensor& value_perm);
 // The tensor `compute()` returned for the same `tag`, `extra` and key `tensors` (undefined
 // ones allowed), or a fresh one; a call that raises is not remembered. A key tensor matches
-// only itself (the same TensorImpl, held weakly, so a freed tensor never matches a new one)
-// at the same version, data pointer and size: any in-place write through it or a view of
-// it bumps the version and misses. Writes that bypass the version counter (through
-// `.data`, numpy or DLPack) are not seen; inference tensors are never memoised.
+// the same memory (the same storage, held weakly so freed memory never matches, data
+// pointer, sizes and strides) at the same version: itself or any alias sharing its version
+// counter (a view, a detach). Any in-place write through one of them bumps the version and
+// misses. Writes that bypass the version counter (through `.data`, numpy, DLPack, or an
+// alias with a counter of its own) are not seen; inference tensors are never memoised.
 at::Tensor memo_by_structure(const char* tag, std::initializer_list<at::Tensor> tensors,
                              int64_t extra, const std::function<at::Tensor()>& compute);
 // The same on host memory, O(n_rows + nnz). `value_perm` may be nullptr.

@@ -15,33 +15,38 @@
 namespace sparsemom {
 namespace {
 
-using TensorPtr = c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-using WeakTensorPtr = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+using StoragePtr = c10::intrusive_ptr<c10::StorageImpl>;
+using WeakStoragePtr = c10::weak_intrusive_ptr<c10::StorageImpl>;
 
-// One key tensor as it was when the value was computed. The TensorImpl is held weakly:
-// its memory stays allocated while the weak reference lives, so no other tensor can
-// appear at the same address, and a freed tensor never matches.
+// One key tensor's contents as they were when the value was computed: its memory (storage,
+// offset, sizes, strides) and its version. Any alias of that memory that shares the version
+// counter (a view, a detach, a fresh slice of the same buffer, what AOTAutograd hands a
+// compiled backward) matches, and a write through any of them bumps the version. The
+// StorageImpl is held weakly: its object stays allocated while the weak reference lives, so
+// no other storage can appear at the same address, and freed memory never matches.
 struct Snapshot {
   bool defined;
-  WeakTensorPtr impl;
+  WeakStoragePtr storage;
   int64_t version;
   const void* data;
-  int64_t numel;
+  std::vector<int64_t> sizes, strides;
 
   explicit Snapshot(const at::Tensor& t)
       : defined(t.defined()),
-        impl(TensorPtr(t.getIntrusivePtr())),
+        storage(defined ? StoragePtr::reclaim_copy(t.storage().unsafeGetStorageImpl()) : StoragePtr()),
         version(defined ? t._version() : 0),
         data(defined ? t.data_ptr() : nullptr),
-        numel(defined ? t.numel() : 0) {}
+        sizes(defined ? t.sizes().vec() : std::vector<int64_t>{}),
+        strides(defined ? t.strides().vec() : std::vector<int64_t>{}) {}
 
   bool matches(const at::Tensor& t) const {
     if (!defined || !t.defined()) return defined == t.defined();
-    return alive() && impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
-           version == t._version() && data == t.data_ptr() && numel == t.numel();
+    return alive() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+           version == t._version() && data == t.data_ptr() && t.sizes().equals(sizes) &&
+           t.strides().equals(strides);
   }
 
-  bool alive() const { return !defined || !impl.expired(); }
+  bool alive() const { return !defined || !storage.expired(); }
 };
 
 struct Entry {
@@ -83,7 +88,7 @@ at::Tensor memo_by_structure(const char* tag, std::initializer_list<at::Tensor> 
   bool memoisable = true;
   for (const at::Tensor& t : tensors) {
     // Inference tensors have no version counter, so a write to them would go unseen.
-    memoisable = memoisable && !(t.defined() && t.is_inference());
+    memoisable = memoisable && !(t.defined() && (t.is_inference() || !t.has_storage()));
   }
   if (!memoisable) return compute();
   {

@@ -500,8 +500,8 @@ void run_device_tests(const at::TensorOptions& base, const std::string& device) 
 
 }  // namespace
 
-// memo_by_structure (what the CUDA ops use to check a structure once per topology): a
-// value is reused only for the same live tensors at the same version.
+// memo_by_structure (what the ops use to check a structure once per topology): a value is
+// reused only for the same live memory, viewed the same way, at the same version.
 void test_structure_memo() {
   int computed = 0;
   auto memo = [&](const char* tag, const at::Tensor& a, const at::Tensor& b, int64_t extra) {
@@ -514,17 +514,20 @@ void test_structure_memo() {
   const at::Tensor undefined;
   const at::Tensor first = memo("t", a, undefined, 3);
   check(computed == 1 && memo("t", a, undefined, 3).is_same(first), "same tensors: reused");
-  check(computed == 1 && memo("t", a.view({10}), undefined, 3).item<int64_t>() == 2,
-        "a view is another tensor: computed again");
+  check(computed == 1 && memo("t", a.view({10}), undefined, 3).is_same(first) &&
+            memo("t", a.detach(), undefined, 3).is_same(first),
+        "an alias of the same memory and version (a view, a detach): reused");
+  check(memo("t", a.view({2, 5}), undefined, 3).item<int64_t>() == 2, "viewed another way: computed again");
+  check(memo("t", a.narrow(0, 1, 9), undefined, 3).item<int64_t>() == 3, "other memory: computed again");
   memo("u", a, undefined, 3);
   memo("t", a, undefined, 4);
   memo("t", a, a, 3);
-  check(computed == 5, "another tag, extra or key list: computed again");
-  a.add_(1);  // an in-place write bumps the version
-  check(memo("t", a, undefined, 3).item<int64_t>() == 6, "after an in-place write: computed again");
-  check(memo("t", a, undefined, 3).item<int64_t>() == 6, "and then reused");
+  check(computed == 6, "another tag, extra or key list: computed again");
+  a.view({10}).add_(1);  // an in-place write through an alias bumps the shared version
+  check(memo("t", a, undefined, 3).item<int64_t>() == 7, "after an in-place write: computed again");
+  check(memo("t", a, undefined, 3).item<int64_t>() == 7, "and then reused");
   a = at::arange(10, at::kInt);  // the old tensor is freed, a new one may reuse its memory
-  check(memo("t", a, undefined, 3).item<int64_t>() == 7, "a new tensor: computed again");
+  check(memo("t", a, undefined, 3).item<int64_t>() == 8, "a new tensor: computed again");
   bool thrown = false;
   try {
     sparsemom::memo_by_structure("throws", {a}, 0, [&]() -> at::Tensor {
@@ -542,10 +545,10 @@ void test_structure_memo() {
   } catch (const c10::Error&) {
     thrown = true;
   }
-  check(!thrown && computed == 8, "a call that raised is not remembered");
+  check(!thrown && computed == 9, "a call that raised is not remembered");
   // Same tag and extra, a shorter key list ({a} against the cached {a, undefined}).
   sparsemom::memo_by_structure("t", {a}, 3, [&] { ++computed; return at::Tensor(); });
-  check(computed == 9, "a shorter key list: computed again");
+  check(computed == 10, "a shorter key list: computed again");
 }
 
 int main() {

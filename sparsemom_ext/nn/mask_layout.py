@@ -15,7 +15,10 @@ chosen by ``backend``: ``"dense"`` is ``F.linear``, ``"sparse"`` runs the forwar
 and the input's gradient with the sparse kernels and computes the dense weight gradient
 (which exact sparse momentum grows from) with one dense matmul
 (:func:`sparsemom_ext.ops.masked_linear`), and ``"auto"`` (the default) picks
-``"sparse"`` where it is faster: see :meth:`SparseLinear.uses_sparse_kernels`.
+``"sparse"`` where it is faster: see :meth:`SparseLinear.uses_sparse_kernels`. The sparse
+backend derives the mask's structure once per mask version: change a mask in place through
+the tensor itself (``mask.copy_(...)``, ``mask[...] = ...``, as the engine does), not through
+``.data``, numpy or DLPack, whose writes its version counter does not see.
 
 The always-sparse layout of a linear layer is its own class,
 :class:`sparsemom_ext.nn.CsrLinear`; :func:`sparsemom_ext.nn.to_layout` converts.
