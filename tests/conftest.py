@@ -112,13 +112,19 @@ def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def mlp(layout, sizes=(12, 20, 16, 6), density=0.3, seed=0, dtype=torch.float64):
+def mlp(layout, sizes=(12, 20, 16, 6), density=0.3, seed=0, dtype=torch.float64, connectivity="floor"):
     torch.manual_seed(seed)
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(n_in, n_out, dtype=dtype), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
-    return sm.sparsify(model, density=density, layout=layout, generator=seeded(seed + 1))
+    return sm.sparsify(model, density=density, layout=layout, generator=seeded(seed + 1),
+                       connectivity=connectivity)
+
+
+def rows_without_input(mask):
+    """How many rows (output units) of a weight's bool mask hold no active position."""
+    return int((~mask.reshape(mask.shape[0], -1).any(dim=1)).sum())
 
 
 def make_optimizer(name, params):

@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 import sparsemom_ext as sm
 from sparsemom_ext.sparsity.engine import SparseMomentum, apportion, prune_rate_at
 
-from conftest import check_structure, make_optimizer, mlp, seeded, train_steps
+from conftest import check_structure, make_optimizer, mlp, rows_without_input, seeded, train_steps
 
 
-def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
-    """A plain MLP whose weights carry masks (the engine needs nothing else)."""
+def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False, connected=True):
+    """A plain MLP whose weights carry Bernoulli masks (the engine needs nothing else);
+    ``connected``: one more position drawn in each row, so every output unit has an input
+    (what ``connectivity="floor"`` asks of the masks it is given)."""
     torch.manual_seed(seed)
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
@@ -30,6 +32,9 @@ def masked_model(sizes=(12, 20, 16, 6), density=0.3, seed=0, tie_values=False):
                 with torch.no_grad():
                     module.weight.copy_(0.1 * torch.randint(-2, 3, module.weight.shape, generator=g).double())
             mask = torch.rand(module.weight.shape, generator=g) < density
+            if connected:
+                n_out, n_in = mask.shape
+                mask[torch.arange(n_out), torch.randint(n_in, (n_out,), generator=g)] = True
             sm.attach_mask(module.weight, mask)
             sm.mask_apply_(module.weight.data, mask)
     return model
@@ -48,17 +53,31 @@ def sort_select(keys, candidates, k, largest):
     return idx[:k]
 
 
-def python_update(weights, masks, momenta, rate):
+def row_keepers(weight, mask):
+    """A mask of each row's active weight of largest |w| (ties: the last in the row)."""
+    keep = torch.zeros_like(mask)
+    for r in range(mask.shape[0]):
+        active = [c for c in range(mask.shape[1]) if mask[r, c]]
+        if active:
+            best = max(active, key=lambda c: (abs(float(weight[r, c])), c))
+            keep[r, best] = True
+    return keep
+
+
+def python_update(weights, masks, momenta, rate, floor=False):
     """docs/algorithms.md section 2 with sorting and lists: magnitude prune, momentum
-    redistribution (via the engine's apportion, tested on its own below) and momentum growth."""
+    redistribution (via the engine's apportion, tested on its own below) and momentum growth.
+    ``floor``: the connectivity rule (section 5): each row's largest weight is not pruned."""
     counts = [int(m.sum()) for m in masks]
     stats = [float(mo.abs()[m].mean()) if c else 0.0 for mo, m, c in zip(momenta, masks, counts)]
     shares = [s / sum(stats) for s in stats]
     n_prune = [math.ceil(rate * c) for c in counts]
     pruned = []
-    for w, m, k in zip(weights, masks, n_prune):
+    for i, (w, m) in enumerate(zip(weights, masks)):
+        eligible = m & ~row_keepers(w, m) if floor else m
+        n_prune[i] = min(n_prune[i], int(eligible.sum()))
         new = m.clone().flatten()
-        new[sort_select(w.abs(), m, k, largest=False)] = False
+        new[sort_select(w.abs(), eligible, n_prune[i], largest=False)] = False
         pruned.append(new.view_as(m))
     free = [m.numel() - int(p.sum()) for m, p in zip(masks, pruned)]
     n_grow = apportion(sum(n_prune), shares, free)
@@ -72,20 +91,22 @@ def python_update(weights, masks, momenta, rate):
 
 @pytest.mark.parametrize("opt_name", ["sgd", "sgd_torch", "adamw"])
 @pytest.mark.parametrize("tie_values", [False, True])
-def test_update_matches_straightforward_python(opt_name, tie_values):
-    model = masked_model(tie_values=tie_values)
+@pytest.mark.parametrize("connectivity", ["reference", "floor"])
+def test_update_matches_straightforward_python(opt_name, tie_values, connectivity):
+    # Rate 0.4 of layers at density 0.3 empties rows: the two options differ here.
+    model = masked_model(tie_values=tie_values, connected=connectivity == "floor")
     if opt_name == "sgd":
         opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     elif opt_name == "sgd_torch":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
         opt = sm.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = SparseMomentum(model, opt, prune_rate=0.4, total_steps=100)
+    engine = SparseMomentum(model, opt, prune_rate=0.4, total_steps=100, connectivity=connectivity)
     train_steps(model, opt, engine, steps=4)
     weights = [w.param.detach().clone() for w in engine.weights]
     masks = [w.mask.clone() for w in engine.weights]
     momenta = [engine.family.momentum(w.param, w.name).clone() for w in engine.weights]
-    expected = python_update(weights, masks, momenta, engine.prune_rate())
+    expected = python_update(weights, masks, momenta, engine.prune_rate(), floor=connectivity == "floor")
     engine.update()
     for w, exp in zip(engine.weights, expected):
         assert torch.equal(w.mask, exp), w.name
@@ -102,13 +123,17 @@ def test_update_matches_straightforward_python(opt_name, tie_values):
     prune=st.sampled_from(["magnitude", "set"]),
     redistribution=st.sampled_from(["momentum", "magnitude", "nonzeros", "none"]),
     seed=st.integers(0, 1000),
+    connectivity=st.sampled_from(["floor", "reference"]),
 )
-def test_property_counts_are_exact_and_nothing_drifts(sizes, density, rate, growth, prune, redistribution, seed):
-    model = masked_model(sizes=tuple(sizes), density=density, seed=seed, tie_values=seed % 2 == 0)
+def test_property_counts_are_exact_and_nothing_drifts(sizes, density, rate, growth, prune, redistribution, seed,
+                                                      connectivity):
+    floor = connectivity == "floor"
+    model = masked_model(sizes=tuple(sizes), density=density, seed=seed, tie_values=seed % 2 == 0, connected=floor)
     # A small step: the check is about the engine, so training must not diverge.
     opt = sm.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     engine = SparseMomentum(model, opt, prune_rate=rate, update_every=2, total_steps=7, decay="linear",
-                            growth=growth, prune=prune, redistribution=redistribution, seed=seed)
+                            growth=growth, prune=prune, redistribution=redistribution, seed=seed,
+                            connectivity=connectivity)
     total = sum(int(w.mask.sum()) for w in engine.weights)
     for _ in range(3):
         before = masks_of(model)
@@ -126,6 +151,9 @@ def test_property_counts_are_exact_and_nothing_drifts(sizes, density, rate, grow
             assert not torch.isnan(w.param).any()
             if redistribution == "none":
                 assert record.grown == record.pruned
+            if floor:  # the rule: every output unit keeps an input, so the layer its n_rows weights
+                assert rows_without_input(new) == 0, w.name
+                assert record.nnz >= w.n_rows
 
 
 @settings(max_examples=300, deadline=None)
@@ -396,22 +424,35 @@ def test_optimizer_state_follows_the_weights(opt_name, growth):
     candidates=st.sampled_from([0.5, 1.0, 2.0]),
     mixed=st.booleans(),
     seed=st.integers(0, 1000),
+    connectivity=st.sampled_from(["floor", "reference"]),
 )
 # Global scope: Linear(3, 1) has room for fewer candidates than the pruning freed.
 @example(sizes=[4, 3, 1, 4], density=0.5, rate=1.0, growth="momentum", prune="magnitude",
-         redistribution="momentum", scope="global", sampling="grabo", candidates=0.5, mixed=False, seed=0)
+         redistribution="momentum", scope="global", sampling="grabo", candidates=0.5, mixed=False, seed=0,
+         connectivity="reference")
+# The issue's network: the reference update takes Linear(3, 2) to no weight at all.
+@example(sizes=[64, 3, 2, 1, 10], density=0.1, rate=0.5, growth="momentum", prune="magnitude",
+         redistribution="momentum", scope="layer", sampling="grabo", candidates=1.0, mixed=True, seed=0,
+         connectivity="floor")
 def test_property_counts_are_exact_and_structures_stay_canonical(sizes, density, rate, growth, prune, redistribution,
-                                                                  scope, sampling, candidates, mixed, seed):
+                                                                  scope, sampling, candidates, mixed, seed,
+                                                                  connectivity):
     if scope == "global" and growth == "random":
         return  # rejected, tested below
-    model = mlp("csr", sizes=tuple(sizes), density=density, seed=seed)
+    floor = connectivity == "floor"
+    if floor:  # at least one weight per output unit (sparsify refuses less, tested elsewhere)
+        numel = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+        density = min(1.0, max(density, (sum(sizes[1:]) + 0.5) / numel))
+    model = mlp("csr", sizes=tuple(sizes), density=density, seed=seed, connectivity=connectivity)
     if mixed:  # the first layer in the mask layout: both layouts in one engine
         model[0] = sm.nn.to_layout(model[0], "mask")
     opt = sm.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     engine = SparseMomentum(model, opt, prune_rate=rate, update_every=2, total_steps=9, decay="linear",
                             growth=growth, prune=prune, redistribution=redistribution, scope=scope,
-                            sampling=sampling, candidates=candidates, window=1, seed=seed)
+                            sampling=sampling, candidates=candidates, window=1, seed=seed, connectivity=connectivity)
     total = sum(w.count() for w in engine.weights)
+    if floor:
+        assert all(rows_without_input(w.mask) == 0 for w in engine.weights)  # sparsify's masks
     for _ in range(4):
         masks_before = [w.mask.clone() for w in engine.weights]
         counts_before = [w.count() for w in engine.weights]
@@ -423,6 +464,9 @@ def test_property_counts_are_exact_and_structures_stay_canonical(sizes, density,
             new_mask = w.mask
             assert int((new_mask & ~old_mask).sum()) <= r.grown  # grown positions were inactive
             assert int((old_mask & ~new_mask).sum()) <= r.pruned
+            if floor:  # the rule: every output unit keeps an input, so the layer its n_rows weights
+                assert rows_without_input(new_mask) == 0, w.name
+                assert r.nnz >= w.n_rows
             if isinstance(w.module, sm.CsrLinear):
                 check_structure(w.module)
             else:

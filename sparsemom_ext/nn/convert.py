@@ -8,6 +8,7 @@ from typing import Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..sparsity.connectivity import check_connectivity, connect_rows, floor_counts, layer_floor
 from ..sparsity.init import check_density, check_distribution, check_generator, layer_counts
 from ..sparsity.masks import mask_of
 from .attention import SparseMultiheadAttention, projection_weight_names
@@ -99,7 +100,8 @@ def _turn_off_fast_paths(model: nn.Module) -> None:
 
 
 def sparsify(model: nn.Module, density: float, distribution: str = "uniform", layout: str = "mask",
-             exclude: Iterable[Union[str, type]] = (), generator: Optional[torch.Generator] = None) -> nn.Module:
+             exclude: Iterable[Union[str, type]] = (), generator: Optional[torch.Generator] = None,
+             connectivity: str = "floor") -> nn.Module:
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` of ``model`` by a sparse
     layer, in place.
 
@@ -120,6 +122,15 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     converted layers hold exactly ``round(density * their total weights)`` active
     weights. Masks are drawn layer by layer in ``named_modules()`` order from
     ``generator`` (a CPU generator; None: torch's default one).
+
+    ``connectivity="floor"`` (default) gives every output unit of every converted weight (a
+    row: an output feature, a conv's output channel) at least one input: a layer's count is
+    raised to its number of rows if below (the difference is taken from the layers above
+    theirs, so the total stays exact), and a drawn mask with empty rows has surplus
+    positions moved into them (drawn from ``generator``; a mask without empty rows is kept
+    as drawn). A ValueError says so when the density gives fewer weights than the layers
+    have output units. ``"reference"`` draws the reference code's masks, which may leave a
+    unit, or a small layer, without any weight (docs/algorithms.md, section 5).
 
     ``exclude`` holds module names as in ``named_modules()`` (``"fc3"``,
     ``"features.0"``; a container's name keeps everything inside it dense) and/or
@@ -142,6 +153,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     distribution = check_distribution(distribution)
     layout = check_layout(layout)
     check_generator(generator)
+    connectivity = check_connectivity(connectivity)
     excluded_names, excluded_classes = _normalise_exclude(exclude)
 
     occurrences = list(model.named_modules(remove_duplicate=False))
@@ -225,7 +237,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
         in_mask = []
     # One count per sparse weight (an attention layer has up to three), over all of them.
     units = [(name, module, pname) for name, module in layers for pname in _weight_names(module)]
-    counts = layer_counts([getattr(module, pname).shape for _, module, pname in units], density, distribution)
+    shapes = [getattr(module, pname).shape for _, module, pname in units]
+    counts = layer_counts(shapes, density, distribution)
+    if connectivity == "floor":
+        floors = [layer_floor(s[0], math.prod(s[1:])) if len(s) else 0 for s in shapes]
+        counts = floor_counts(counts, floors, [f"{name or 'model'}.{pname}" for name, _, pname in units])
     count_of = {(id(module), pname): count for (_, module, pname), count in zip(units, counts)}
     replacement = {}
     for name, module in layers:
@@ -233,9 +249,14 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
         if sparse_cls is SparseMultiheadAttention:
             sparse = sparse_cls.from_dense(
                 module, {pname: count_of[id(module), pname] for pname in _weight_names(module)}, generator)
+            if connectivity == "floor":
+                for pname, _, _ in sparse.masked_weights():
+                    _connect(sparse, pname, pname + "_mask", getattr(module, pname), generator)
         else:
             count = count_of[id(module), "weight"]
             sparse = sparse_cls._wrap(module, count, generator)
+            if connectivity == "floor":
+                _connect(sparse, "weight", "mask", module.weight, generator)
             if layout == "csr" and name not in in_mask:
                 sparse = to_layout(sparse, "csr",
                                    capacity=default_capacity(count, module.weight.numel(), sum(counts)))
@@ -254,6 +275,20 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     model = replacement.get(id(model), model)
     _turn_off_fast_paths(model)
     return model
+
+
+@torch.no_grad()
+def _connect(sparse: nn.Module, weight_name: str, mask_name: str, dense_weight: torch.Tensor,
+             generator: Optional[torch.Generator]) -> None:
+    """Give every empty row of ``sparse``'s mask an active position (:func:`connect_rows`), in
+    place (the mask stays the tensor the weight and optimizers know); the weight takes
+    ``dense_weight``'s values at the new mask, as when it was drawn."""
+    mask = getattr(sparse, mask_name)
+    connected = connect_rows(mask, generator)
+    if connected is mask:
+        return
+    mask.copy_(connected)
+    getattr(sparse, weight_name).copy_(dense_weight.detach().masked_fill(~connected, 0))
 
 
 def to_layout(layer: nn.Module, layout: str, *, capacity: Optional[int] = None) -> nn.Module:

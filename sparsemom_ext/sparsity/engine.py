@@ -35,6 +35,7 @@ import torch
 
 from ..csr_structure import relayout_plan
 from ..nn.csr_layout import CsrLinear
+from .connectivity import empty_rows_of_flat, protected_active
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
 from .distributed import rank_group_of
 from .masks import MaskingOptimizer
@@ -43,7 +44,13 @@ from .schedule import PruneSchedule, apportion, prune_rate_at
 from .signals import SUPPORTED, optimizer_family
 from .views import BatchProbe, CsrView, find_views
 
-__all__ = ["SparseMomentum", "UpdateRecord", "apportion", "prune_rate_at"]
+__all__ = ["NonFiniteSignalError", "SparseMomentum", "UpdateRecord", "apportion", "prune_rate_at"]
+
+
+class NonFiniteSignalError(RuntimeError):
+    """A topology update found NaN or infinite values in what it reads (a layer's weights,
+    momentum or growth scores): it raised before writing anything, so the model, masks and
+    optimizer state are as they were. The training has diverged."""
 
 @dataclass
 class UpdateRecord:
@@ -121,6 +128,14 @@ class SparseMomentum:
             uniform ones for both ``gse`` and csr ``momentum``.
         window: steps over which csr-layout momentum growth accumulates its candidates'
             momentum before each update (shorter when updates are closer).
+        connectivity: ``"floor"`` (default): no update leaves an output unit (a row of the
+            weight matrix, a conv's output channel) without an input, so a layer keeps at
+            least its ``n_rows`` weights whatever redistribution asks: each row's weight of
+            largest magnitude is not pruned (a layer then prunes at most ``nnz - n_rows``).
+            The engine keeps the rule, it does not create it: every layer must satisfy it
+            when the engine is built and at each update (``sparsify`` draws such masks),
+            else a ValueError names the layer. ``"reference"``: the reference code's
+            update, which may empty rows and whole layers.
         process_group: the torch.distributed group whose ranks train this model (default:
             a DistributedDataParallel model's, else the default group once
             torch.distributed is initialized). The growth signals built from each rank's
@@ -145,13 +160,16 @@ class SparseMomentum:
                  growth: str = "momentum", prune: str = "magnitude", redistribution: str = "momentum",
                  decay: str = "cosine", final_prune_rate: float = 0.005, seed: int = 0, *,
                  steps_per_epoch: Optional[int] = None, decay_end: float = 1.0, scope: str = "layer",
-                 candidates: float = 1.0, sampling: str = "grabo", window: int = 100, process_group=None):
-        self.options = EngineOptions(growth, prune, redistribution, scope, candidates, sampling, window)
+                 candidates: float = 1.0, sampling: str = "grabo", window: int = 100, process_group=None,
+                 connectivity: str = "floor"):
+        self.options = EngineOptions(growth, prune, redistribution, scope, candidates, sampling, window,
+                                     connectivity)
         schedule = PruneSchedule(prune_rate, final_prune_rate, decay, total_steps, update_every, decay_end,
                                  steps_per_epoch)
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.ranks = rank_group_of(model, process_group)
         self.weights = find_views(model, optimizer)
+        self._check_connected([w.active_flat() for w in self.weights])
         self.family = optimizer_family(optimizer)
         if self.options.needs_momentum:
             if self.family is None:
@@ -236,13 +254,17 @@ class SparseMomentum:
         """Prune, redistribute and grow now; returns (and appends to ``history``) one record per layer.
 
         Everything is computed before anything is written, so an error leaves masks,
-        weights and optimizer state as they were.
+        weights and optimizer state as they were: a :class:`NonFiniteSignalError` naming the
+        layer when its weights, momentum or growth scores hold NaN or inf, a ValueError when
+        ``connectivity="floor"`` finds a layer with an output unit without an input.
         """
         rate = self.prune_rate()
         self.growth_method.before_update(self.weights)
         flats = [w.active_flat() for w in self.weights]
+        self._check_connected(flats)
         pools = [self.growth_method.pool(w, self._probes.get(w.name)) for w in self.weights]
         values = [w.active_values(f) for w, f in zip(self.weights, flats)]
+        self._check_finite(values, pools)
         plan = self._plan_global if self.options.scope == "global" else self._plan_layers
         keeps, grown, n_prune, shares = plan(rate, flats, values, pools)
         commits = [_relayout(f, k, g, s, p.may_regrow) for f, k, (g, s), p in zip(flats, keeps, grown, pools)]
@@ -266,7 +288,12 @@ class SparseMomentum:
         shares = [s / total_stat if total_stat > 0 else 0.0 for s in stats]
         # Candidate-based growth can regrow at most its candidates: prune no more.
         n_prune = [_at_most(math.ceil(rate * c), p.limit) for c, p in zip(counts, pools)]
-        keeps = [keep_after_prune(v, k, self.options.prune) for v, k in zip(values, n_prune)]
+        protected = self._protected(flats, values)
+        if protected is not None:  # the rule: each row keeps its largest weight
+            n_prune = [min(k, c - int(pr.sum())) for k, c, pr in zip(n_prune, counts, protected)]
+        else:
+            protected = [None] * len(flats)
+        keeps = [keep_after_prune(v, k, self.options.prune, pr) for v, k, pr in zip(values, n_prune, protected)]
         room = [_at_most(min(w.capacity, w.numel) - (c - k), p.limit)
                 for w, c, k, p in zip(self.weights, counts, n_prune, pools)]
         n_grow = list(n_prune) if self.options.redistribution == "none" else apportion(sum(n_prune), shares, room)
@@ -282,8 +309,12 @@ class SparseMomentum:
             total = min(total, sum(limits))
         device = values[0].device
         all_values = torch.cat([v.to(device) for v in values])
+        protected = self._protected(flats, values)
+        if protected is not None:  # the rule: each row keeps its largest weight
+            protected = torch.cat([pr.to(device) for pr in protected])
+            total = min(total, int((~protected).sum()))
         while True:
-            keep_all = keep_after_prune(all_values, total, self.options.prune)
+            keep_all = keep_after_prune(all_values, total, self.options.prune, protected)
             keeps = [k.to(f.device) for k, f in zip(keep_all.split(counts), flats)]
             offers = []
             for w, f, k, p in zip(self.weights, flats, keeps, pools):
@@ -306,6 +337,47 @@ class SparseMomentum:
                  for (pos, _, state), c in zip(offers, chosen)]
         n_prune = [int((~k).sum()) for k in keeps]
         return keeps, grown, n_prune, [0.0] * len(self.weights)
+
+    def _protected(self, flats, values) -> Optional[List[torch.Tensor]]:
+        """Under ``connectivity="floor"``, each layer's active weights that are not pruned (one
+        per row, :func:`~.connectivity.protected_active`); None under ``"reference"``."""
+        if self.options.connectivity != "floor":
+            return None
+        return [protected_active(f, v, w.n_cols) for w, f, v in zip(self.weights, flats, values)]
+
+    def _check_connected(self, flats) -> None:
+        """Under ``connectivity="floor"``: a ValueError naming the first layer with an output
+        unit (a row) that holds no active weight."""
+        if self.options.connectivity != "floor":
+            return
+        for w, flat in zip(self.weights, flats):
+            if w.n_cols == 0:
+                continue
+            empty = empty_rows_of_flat(flat, w.n_rows, w.n_cols)
+            if empty.numel():
+                shown = ", ".join(str(int(r)) for r in empty[:5]) + (", ..." if empty.numel() > 5 else "")
+                raise ValueError(
+                    f"connectivity='floor': {w.name!r} has {empty.numel()} of its {w.n_rows} output units without "
+                    f"an input (rows {shown}); the engine keeps every unit connected but does not connect them: "
+                    "draw the masks with sparsemom_ext.sparsify(..., connectivity='floor'), or build the engine "
+                    "with connectivity='reference'")
+
+    def _check_finite(self, values, pools) -> None:
+        """A :class:`NonFiniteSignalError` naming the first layer whose weights, momentum or growth
+        scores (what this update reads) hold NaN or inf."""
+        for w, v, pool in zip(self.weights, values, pools):
+            signals = [("weights", v)]
+            if self.options.needs_momentum:
+                signals.append(("momentum", self.family.momentum(w.param, w.name)))
+            score = getattr(pool, "score", None)  # random growth has no scores
+            if score is not None:
+                signals.append((f"{self.options.growth} growth scores", score))
+            for what, tensor in signals:
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise NonFiniteSignalError(
+                        f"the topology update at step {self.steps} found {bad} NaN or infinite {what} in "
+                        f"{w.name!r}; nothing was changed: the training has diverged (lower the learning rate)")
 
     def _statistic(self, w, flat, values) -> float:
         if flat.numel() == 0:

@@ -37,11 +37,18 @@ def top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ops.momentum_grow(scores, torch.zeros(scores.shape, dtype=torch.bool, device=scores.device), k)
 
 
-def keep_after_prune(values: torch.Tensor, k: int, prune: str) -> torch.Tensor:
-    """Bool over ``values`` (active weights, flat order): False for the ``k`` pruned ones."""
-    everything = torch.ones(values.shape, dtype=torch.bool, device=values.device)
+def keep_after_prune(values: torch.Tensor, k: int, prune: str, protected: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+    """Bool over ``values`` (active weights, flat order): False for the ``k`` pruned ones.
+
+    ``protected`` (bool over ``values``, or None): weights that are never pruned (the
+    connectivity rule's); ``k`` is then at most the number of the others."""
+    eligible = torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    if protected is not None:
+        eligible &= ~protected.to(values.device)
     prune_op = ops.magnitude_prune if prune == "magnitude" else ops.set_prune
-    return prune_op(values, everything, k)
+    keep = prune_op(values, eligible, k)
+    return keep if protected is None else keep | protected.to(values.device)
 
 
 def candidate_count(gamma: float, nnz: int) -> int:

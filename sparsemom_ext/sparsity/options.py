@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from .connectivity import check_connectivity
 from .growth import GROWTHS
 from .init import check_choice
 from .sampling import SAMPLINGS
@@ -25,6 +26,7 @@ class EngineOptions:
     candidates: float = 1.0
     sampling: str = "grabo"
     window: int = 100
+    connectivity: str = "floor"
 
     def __post_init__(self):
         check_choice("growth", self.growth, tuple(GROWTHS))
@@ -32,6 +34,7 @@ class EngineOptions:
         check_choice("redistribution", self.redistribution, REDISTRIBUTIONS)
         check_choice("scope", self.scope, SCOPES)
         check_choice("sampling", self.sampling, SAMPLINGS)
+        check_connectivity(self.connectivity)
         candidates, window = self.candidates, self.window
         if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not 0.0 < candidates <= 1e6:
             raise ValueError(f"candidates must be a positive number; got {candidates!r}")

@@ -1,0 +1,251 @@
+"""The connectivity rule (docs/algorithms.md, section 5): under ``connectivity="floor"`` no
+output unit of a sparse layer is left without an input, by ``sparsify`` or by any update;
+``"reference"`` is the reference code's behaviour. The issue's small network, the parts
+(floor_counts, connect_rows, protected_active) against their definitions, and the errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsemom_ext as sm
+from sparsemom_ext import SparseMomentum
+from sparsemom_ext.sparsity.connectivity import connect_rows, floor_counts, protected_active
+from sparsemom_ext.sparsity.init import layer_counts, random_mask
+
+from conftest import mlp, rows_without_input, seeded, train_steps
+
+ISSUE_SIZES = (64, 3, 2, 1, 10)
+
+
+def issue_network(connectivity, layout="mask", seed=0):
+    """Linear 64-3-2-1-10 at density 0.1: 21 weights for 16 output units."""
+    torch.manual_seed(seed)
+    layers = []
+    for n_in, n_out in zip(ISSUE_SIZES[:-1], ISSUE_SIZES[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return sm.sparsify(nn.Sequential(*layers[:-1]), density=0.1, layout=layout, generator=seeded(seed),
+                       connectivity=connectivity)
+
+
+def sparse_layers(model):
+    return [m for m in model if isinstance(m, (sm.SparseLinear, sm.CsrLinear))]
+
+
+def train_and_update(model, engine, opt, updates, seed=0):
+    """``updates`` rounds of three steps on a 10-class problem, each followed by an update;
+    returns each layer's (nnz, rows without input) after every update."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 64, generator=g), torch.randint(10, (64,), generator=g)
+    after = []
+    for _ in range(updates):
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            engine.step()
+        engine.update()
+        after.append([(layer.nnz, rows_without_input(layer.mask)) for layer in sparse_layers(model)])
+    return after
+
+
+def test_the_issues_network_disconnects_at_the_reference_and_not_with_the_rule():
+    reference = issue_network("reference")
+    # The reference draw gives Linear(2, 1) no weight at all.
+    assert [layer.nnz for layer in sparse_layers(reference)] == [19, 1, 0, 1]
+    opt = sm.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    engine = SparseMomentum(reference, opt, total_steps=100, connectivity="reference")
+    assert train_and_update(reference, engine, opt, updates=1)[0][1] == (0, 2)  # Linear(3, 2) emptied
+
+    for layout in ("mask", "csr"):
+        model = issue_network("floor", layout)
+        layers = sparse_layers(model)
+        assert sum(layer.nnz for layer in layers) == round(0.1 * (192 + 6 + 2 + 10))  # the budget is exact
+        assert all(rows_without_input(layer.mask) == 0 and layer.nnz >= layer.out_features for layer in layers)
+        opt = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = SparseMomentum(model, opt, total_steps=100)  # the rule is the default
+        for counts in train_and_update(model, engine, opt, updates=5):
+            assert sum(nnz for nnz, _ in counts) == 21
+            for (nnz, empty), layer in zip(counts, layers):
+                assert empty == 0 and nnz >= layer.out_features, (layout, counts)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("growth", ["momentum", "gradient", "gse"])
+def test_rate_one_keeps_each_units_largest_weight_in_both_layouts(scope, growth):
+    """Prune rate 1 asks every layer for all its weights: the rule keeps each row's largest."""
+    for layout in ("mask", "csr"):
+        model = issue_network("floor", layout, seed=1)
+        layers = sparse_layers(model)
+        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = SparseMomentum(model, opt, prune_rate=1.0, decay="constant", growth=growth, scope=scope)
+        train_steps(model, opt, engine, steps=2)
+        before = [(layer.mask.clone(), layer.dense_weight()) for layer in layers]
+        engine.update()
+        for layer, record, (mask, weight) in zip(layers, engine.history, before):
+            flat = mask.reshape(-1).nonzero().reshape(-1)
+            kept = flat[protected_active(flat, weight.reshape(-1)[flat], mask.shape[1])]
+            assert kept.numel() == layer.out_features  # one per unit
+            assert bool(layer.mask.reshape(-1)[kept].all()), (layout, layer)  # never pruned
+            assert record.pruned <= int(mask.sum()) - layer.out_features
+            if growth != "gse":  # gse prunes at most its candidates, which may be fewer
+                assert record.pruned == int(mask.sum()) - layer.out_features
+            assert rows_without_input(layer.mask) == 0
+        assert sum(layer.nnz for layer in layers) == 21
+
+
+def test_the_rule_changes_nothing_when_no_unit_would_lose_its_inputs():
+    """At a low prune rate no row empties: both options make the same update."""
+    results = []
+    for connectivity in ("reference", "floor"):
+        model = mlp("mask", density=0.5, seed=2)
+        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = SparseMomentum(model, opt, prune_rate=0.05, decay="constant", update_every=3, seed=4,
+                                connectivity=connectivity)
+        train_steps(model, opt, engine, steps=9)
+        assert engine.updates == 3
+        results.append([w.mask.clone() for w in engine.weights])
+        # the precondition: the reference update emptied no row here
+        assert all(rows_without_input(m) == 0 for m in results[-1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_sparsify_reference_draws_todays_masks_and_floor_keeps_them_when_connected():
+    """connectivity='reference' is layer_counts + random_mask in named_modules() order; 'floor'
+    returns the same masks when they already give every unit an input."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10))
+    counts = layer_counts([(20, 30), (10, 20)], 0.4)
+    g = seeded(3)
+    expected = [random_mask((20, 30), counts[0], g), random_mask((10, 20), counts[1], g)]
+    assert all(rows_without_input(m) == 0 for m in expected)
+    for connectivity in ("reference", "floor"):
+        model = sm.sparsify(nn.Sequential(*[m for m in dense]), 0.4, generator=seeded(3), connectivity=connectivity)
+        assert all(torch.equal(layer.mask, m) for layer, m in zip(sparse_layers(model), expected))
+
+
+def test_sparsify_floor_moves_surplus_into_empty_units_and_keeps_the_weights_of_the_dense_layer():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 8), nn.ReLU(), nn.Conv2d(8, 6, 1))
+    reference = sm.sparsify(nn.Sequential(*[m for m in dense]), 0.04, generator=seeded(0), connectivity="reference")
+    assert sum(rows_without_input(m) for m in (reference[0].mask, reference[2].mask, reference[4].mask)) > 0
+    model = sm.sparsify(nn.Sequential(*[m for m in dense]), 0.04, generator=seeded(0))
+    for layer, ref, original in zip((model[0], model[2], model[4]), (reference[0], reference[2], reference[4]),
+                                    (dense[0], dense[2], dense[4])):
+        assert rows_without_input(layer.mask) == 0
+        assert layer.nnz >= layer.weight.shape[0]
+        # the weights are the dense layer's at the active positions, zero elsewhere
+        assert torch.equal(layer.weight.detach(), original.weight.detach().masked_fill(~layer.mask, 0))
+    total = sum(m.weight.numel() for m in (dense[0], dense[2], dense[4]))
+    assert sum(m.nnz for m in (model[0], model[2], model[4])) == round(0.04 * total)
+
+
+def test_sparsify_refuses_a_density_below_one_weight_per_unit():
+    model = nn.Sequential(nn.Linear(1, 20), nn.ReLU(), nn.Linear(20, 1))  # 40 weights, 21 output units
+    with pytest.raises(ValueError, match=r"connectivity='floor'.*21 output units.*2 weights.*'reference'"):
+        sm.sparsify(model, 0.05, generator=seeded())
+    with pytest.raises(ValueError, match="connectivity must be one of 'floor', 'reference'"):
+        sm.sparsify(model, 0.5, connectivity="none")
+    sm.sparsify(model, 0.05, generator=seeded(), connectivity="reference")  # allowed, units may be cut
+
+
+def test_engine_refuses_masks_with_units_without_inputs():
+    layer = sm.SparseLinear(10, 6, density=1.0)
+    with torch.no_grad():
+        layer.mask[2] = False
+        layer.mask[4] = False
+    model = nn.Sequential(layer)
+    opt = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"'0.weight' has 2 of its 6 output units without an input \(rows 2, 4\)"):
+        SparseMomentum(model, opt, total_steps=10)
+    with pytest.raises(ValueError, match="connectivity must be one of"):
+        SparseMomentum(model, opt, total_steps=10, connectivity="off")
+    engine = SparseMomentum(model, opt, total_steps=10, connectivity="reference")
+    assert engine.options.connectivity == "reference"
+
+
+def test_engine_checks_the_rule_again_at_each_update_and_changes_nothing():
+    model = issue_network("floor")
+    opt = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = SparseMomentum(model, opt, total_steps=100)
+    train_steps(model, opt, engine, steps=2)
+    layer = sparse_layers(model)[1]
+    with torch.no_grad():  # a user edits a mask behind the engine's back
+        layer.mask[0] = False
+    masks = [m.mask.clone() for m in sparse_layers(model)]
+    with pytest.raises(ValueError, match="'2.weight' has 1 of its 2 output units without an input"):
+        engine.update()
+    assert all(torch.equal(m.mask, old) for m, old in zip(sparse_layers(model), masks))
+    assert engine.updates == 0
+
+
+# ---------------------------------------------------------------- the parts
+@settings(max_examples=200, deadline=None)
+@given(counts_floors=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)), min_size=1, max_size=6))
+def test_property_floor_counts_is_exact_and_meets_every_floor(counts_floors):
+    counts = [c for c, _ in counts_floors]
+    floors = [f for _, f in counts_floors]
+    names = [f"l{i}" for i in range(len(counts))]
+    if sum(counts) < sum(floors):
+        with pytest.raises(ValueError, match="raise the density"):
+            floor_counts(counts, floors, names)
+        return
+    result = floor_counts(counts, floors, names)
+    assert sum(result) == sum(counts)
+    assert all(r >= f for r, f in zip(result, floors))
+    # a layer at or below its floor ends at it; one above it only gives
+    assert all(r == f if c <= f else f <= r <= c for r, c, f in zip(result, counts, floors))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), extra=st.integers(0, 40), seed=st.integers(0, 100))
+def test_property_connect_rows_fills_every_row_and_keeps_the_count(rows, cols, extra, seed):
+    count = min(rows * cols, rows + extra)
+    mask = random_mask((rows, cols), count, seeded(seed))
+    connected = connect_rows(mask, seeded(seed))
+    assert int(connected.sum()) == count
+    assert rows_without_input(connected) == 0
+    if rows_without_input(mask) == 0:
+        assert connected is mask
+    else:  # only empty rows gained; rows that had several positions gave
+        gained = (connected & ~mask).reshape(rows, -1)
+        lost = (mask & ~connected).reshape(rows, -1)
+        had = mask.sum(1)
+        assert bool((had[gained.any(1)] == 0).all())
+        assert bool((had[lost.any(1)] >= 2).all())
+
+
+def test_protected_active_is_each_rows_largest_weight_ties_to_the_last():
+    # rows of 4 columns: row 0 has |w| 0.5, 0.5 (tie: the later), row 1 nothing, row 2 one weight
+    flat = torch.tensor([0, 3, 9])
+    values = torch.tensor([0.5, -0.5, 0.1])
+    assert protected_active(flat, values, 4).tolist() == [False, True, True]
+    assert protected_active(torch.tensor([], dtype=torch.long), torch.tensor([]), 4).numel() == 0
+
+
+def test_non_finite_signals_name_the_layer_and_change_nothing():
+    for what, growth in (("momentum", "momentum"), ("weights", "random"), ("gradient growth scores", "gradient")):
+        model = issue_network("floor", seed=3)
+        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        redistribution = "momentum" if growth == "momentum" else "magnitude"
+        engine = SparseMomentum(model, opt, total_steps=100, growth=growth, redistribution=redistribution)
+        train_steps(model, opt, engine, steps=2)
+        layer = sparse_layers(model)[2]
+        with torch.no_grad():
+            if what == "momentum":
+                opt.state[layer.weight]["momentum_buffer"][0, 0] = math.nan
+            elif what == "weights":
+                layer.weight[0, int(layer.mask[0].nonzero()[0])] = math.inf
+            else:
+                layer.weight.grad[0, 0] = -math.inf
+        masks = [m.mask.clone() for m in sparse_layers(model)]
+        weights = [m.weight.detach().clone() for m in sparse_layers(model)]
+        with pytest.raises(sm.NonFiniteSignalError, match=rf"1 NaN or infinite {what} in '4.weight'"):
+            engine.update()
+        assert engine.updates == 0 and engine.history == []
+        for m, old_mask, old_weight in zip(sparse_layers(model), masks, weights):
+            assert torch.equal(m.mask, old_mask)
+            assert torch.equal(m.weight.detach(), old_weight)
