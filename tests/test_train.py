@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sparsemom_ext as sm
-from sparsemom_ext.train import checkpoint, cli, models, speedup
+from sparsemom_ext.train import checkpoint, cli, loop, models, speedup
 from sparsemom_ext.train.data import _random_crop_and_flip, load_dataset
 
 TINY = ["--train-size", "400", "--test-size", "200", "--batch-size", "25", "--compare-dense", "3",
@@ -152,6 +152,9 @@ BAD_ARGS = [  # "{tmp}" stands for the test's temporary folder
     (["--momentum", "0", "--no-nesterov"], "the sparsity engine rejects these options: SGD param_groups[0] "
                                            "has momentum=0"),
     (["--resume", "{tmp}/nothing.pt"], "--resume {tmp}/nothing.pt: no such file"),
+    # LeNet-300-100 at 0.001: 266 weights for 410 output units
+    (["--density", "0.001"], "--connectivity floor: connectivity='floor' keeps one input per output unit: the 3 "
+                             "sparse layers (fc1.weight, fc2.weight, fc3.weight) have 410 output units"),
     pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ]
@@ -219,14 +222,43 @@ def test_cifar10_directory_through_the_command(tmp_path):
     assert {layer["shape"][1] for layer in results["speedup"]["layers"] if layer["name"] == "conv1"} == {3}
 
 
-def test_validation_split_is_seeded_and_disjoint():
-    a = load_dataset("mnist", val_split=0.1, seed=5, train_size=500)
-    b = load_dataset("mnist", val_split=0.1, seed=5, train_size=500)
-    c = load_dataset("mnist", val_split=0.1, seed=6, train_size=500)
+def test_default_validation_split_is_the_last_images_for_every_seed():
+    everything = load_dataset("mnist", val_split=0.0, train_size=500)
+    for seed in (0, 5):
+        data = load_dataset("mnist", val_split=0.1, seed=seed, train_size=500)
+        assert torch.equal(data.train_x, everything.train_x[:450])
+        assert torch.equal(data.train_y, everything.train_y[:450])
+        assert torch.equal(data.val_x, everything.train_x[450:]) and torch.equal(data.val_y, everything.train_y[450:])
+
+
+def test_random_validation_split_is_seeded_and_disjoint():
+    a = load_dataset("mnist", val_split=0.1, seed=5, train_size=500, val_split_mode="random")
+    b = load_dataset("mnist", val_split=0.1, seed=5, train_size=500, val_split_mode="random")
+    c = load_dataset("mnist", val_split=0.1, seed=6, train_size=500, val_split_mode="random")
     assert len(a.val_y) == 50 and len(a.train_y) == 450
     assert torch.equal(a.val_x, b.val_x) and not torch.equal(a.val_x, c.val_x)
     train_rows = {bytes(x.numpy()) for x in a.train_x}
     assert not any(bytes(x.numpy()) in train_rows for x in a.val_x)
+    with pytest.raises(ValueError, match="--val-split-mode must be one of last, random; got 'first'"):
+        load_dataset("mnist", val_split=0.1, train_size=500, val_split_mode="first")
+
+
+def test_connectivity_option_reaches_sparsify_and_the_engine(tmp_path):
+    # At 0.002 LeNet-300-100 has 532 weights for 410 units: at the reference many lose them all.
+    for connectivity, disconnected in (("floor", False), ("reference", True)):
+        results = train(tmp_path, "--epochs", "2", "--compare-dense", "0", "--density", "0.002",
+                        "--connectivity", connectivity, name=connectivity)
+        assert results["config"]["connectivity"] == connectivity
+        nnz = {r["layer"]: r["nnz"] for r in results["topology_updates"]}
+        assert (min(nnz["fc2.weight"] - 100, nnz["fc3.weight"] - 10) < 0) == disconnected, nnz
+
+
+def test_split_mode_option_reaches_the_run(tmp_path):
+    last = train(tmp_path, "--epochs", "1", "--compare-dense", "0", name="last")
+    random = train(tmp_path, "--epochs", "1", "--compare-dense", "0", "--val-split-mode", "random", name="random")
+    assert last["config"]["val_split_mode"] == "last" and random["config"]["val_split_mode"] == "random"
+    # other images train and validate
+    assert last["epochs"][0]["train_loss"] != random["epochs"][0]["train_loss"]
 
 
 def test_augmentation_crops_a_window_of_the_padded_image_and_flips():
@@ -285,10 +317,43 @@ def test_a_diverging_run_stops_at_that_epoch_with_a_message_and_exit_1(tmp_path,
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "training diverged: the training loss of epoch 1 is" in err and "lower --lr" in err
+    assert len(err.strip().splitlines()) == 1
     results = json.loads(path.read_text())
     assert results["diverged"]["epoch"] == 1 and results["diverged"]["lr"] == 1e4
     assert results["epochs"] == [] and "test" not in results
     assert not list(tmp_path.glob("c-*.pt"))  # the diverged epoch is not checkpointed
+
+
+def test_a_run_back_at_chance_stops_as_collapsed_with_a_message_and_exit_1(tmp_path, capsys):
+    # At lr 0.5 this tiny run learns a little (training loss 2.31, then 2.04: below chance,
+    # 2.29, in epoch 2) and then blows up without reaching NaN: epoch 3 (4.64) is worse than chance.
+    path = tmp_path / "run.json"
+    argv = [*TINY, "--epochs", "5", "--lr", "0.5", "--save", str(tmp_path / "c-{epoch}.pt"), "--json", str(path)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "training collapsed: the training loss of epoch 3 is" in err and "no better than chance" in err
+    results = json.loads(path.read_text())
+    collapsed = results["collapsed"]
+    assert collapsed["epoch"] == 3 and collapsed["best_epoch"] == 2
+    assert collapsed["train_loss"] >= 0.98 * collapsed["chance_loss"] > collapsed["best_train_loss"]
+    assert collapsed["chance_loss"] == pytest.approx(math.log(10), abs=0.02)  # 360 images of 10 classes
+    assert [r["epoch"] for r in results["epochs"]] == [1, 2] and "test" not in results
+    assert sorted(p.name for p in tmp_path.glob("c-*.pt")) == ["c-1.pt", "c-2.pt"]  # not the collapsed epoch
+
+
+def test_a_first_epoch_at_chance_is_not_a_collapse():
+    labels = torch.arange(10).repeat(7)
+    assert loop.chance_loss(labels) == pytest.approx(math.log(10))
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert loop.chance_loss(torch.tensor([0, 0, 0, 1])) == pytest.approx(entropy)
+    run = loop.Run.__new__(loop.Run)  # only the check's inputs: the history and the chance loss
+    run.chance_loss, run.history = math.log(10), []
+    run._check_not_collapsed(1, 2.31, 0.1)  # nothing learnt yet: training may still start
+    run.history = [{"epoch": 1, "train_loss": 2.31}, {"epoch": 2, "train_loss": 1.2}]
+    run._check_not_collapsed(3, 2.2, 0.1)  # worse, but below chance
+    with pytest.raises(loop.TrainingCollapsed, match="epoch 3 is 2.3100.*after 1.2000 at epoch 2"):
+        run._check_not_collapsed(3, 2.31, 0.1)
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing trained

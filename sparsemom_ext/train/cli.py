@@ -7,8 +7,9 @@ clock (see :mod:`sparsemom_ext.train.speedup`). The defaults are the settings of
 paper's reference code: SGD with Nesterov momentum 0.9, lr 0.1, weight decay 5e-4,
 batch 100, lr x0.1 every 25,000 iterations, 100 epochs, density 0.05 with a uniform
 initial distribution, prune rate 0.5 decayed by cosine to 0.005, topology updates at
-every epoch end, 10% of the training set held out for validation. Every one can be
-overridden.
+every epoch end, the last 10% of the training set held out for validation. Every one can
+be overridden. Beyond the reference, the connectivity rule is on (``--connectivity
+reference`` turns it off) and a run that collapses to chance stops like a diverged one.
 
 Bad arguments (an unknown model, a density outside (0, 1], a learning rate that is not
 finite, a missing data directory, data with no test images or labels out of range,
@@ -40,8 +41,9 @@ from ..sparsity.schedule import DECAYS
 from ..sparsity.init import DISTRIBUTIONS
 from ..sparsity.sampling import SAMPLINGS
 from . import checkpoint, models, plots, report
-from .data import DATASETS, DataError, load_dataset
-from .loop import ConfigError, Run, TrainingDiverged
+from ..sparsity.connectivity import CONNECTIVITIES
+from .data import DATASETS, VAL_SPLIT_MODES, DataError, load_dataset
+from .loop import ConfigError, Run, TrainingStopped
 
 __all__ = ["DEFAULT_LR", "build_parser", "console_main", "main", "run_command"]
 
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", type=Path, default=None, help="folder of the data set's files")
     g.add_argument("--val-split", type=_number(float, 0.0, 1.0, high_open=True, what="in [0, 1)"), default=0.1,
                    help="fraction of the training images held out for validation")
+    g.add_argument("--val-split-mode", choices=VAL_SPLIT_MODES, default="last",
+                   help="last: the last images of the training set (the reference code's split, the same for "
+                        "every seed); random: a permutation seeded by --seed")
     g.add_argument("--train-size", type=positive_int, default=None,
                    help="use only the first N training images (before the validation split)")
     g.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test images")
@@ -140,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--density", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.05,
                    help="fraction of active weights over all conv/linear layers")
     g.add_argument("--distribution", choices=DISTRIBUTIONS, default="uniform", help="initial density per layer")
+    g.add_argument("--connectivity", choices=CONNECTIVITIES, default="floor",
+                   help="floor: no output unit of a layer is ever left without an input, at initialisation or "
+                        "at an update (docs/algorithms.md, section 5); reference: the reference code's behaviour")
     g.add_argument("--layout", choices=LAYOUTS, default="mask",
                    help="mask: dense weight + mask (exact sparse momentum); csr: always-sparse storage")
     g.add_argument("--growth", choices=tuple(GROWTHS), default="momentum",
@@ -189,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.1,
                    help="factor of each lr step")
     g.add_argument("--seed", type=_number(int, 0, what="a non-negative integer"), default=0,
-                   help="seeds the initial weights, masks, validation split, shuffling and the engine")
+                   help="seeds the initial weights, masks, shuffling, the engine and a random validation split")
 
     g = p.add_argument_group("machine and output")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and data live")
@@ -303,7 +311,7 @@ def _writing(option: str, path: Path):
 
 def _train_and_report(args, argv: List[str], device: torch.device, started: float) -> dict:
     data = load_dataset(args.dataset, args.data_dir, args.val_split, args.seed, args.train_size,
-                        args.test_size).to(device)
+                        args.test_size, args.val_split_mode).to(device)
     run = Run(args, data, device)
     config = _config(args)
     print(report.header(args, data, run.steps_per_epoch, torch.get_num_threads()), flush=True)
@@ -319,10 +327,10 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
                 path = Path(str(args.save).replace("{epoch}", str(run.epoch)))
                 with _writing("--save", path):
                     checkpoint.save_checkpoint(path, run, config)
-    except TrainingDiverged as exc:
-        # What was learnt up to the divergence still goes to --json, marked as diverged.
-        _write_json(args, {"diverged": {"epoch": exc.epoch, "train_loss": str(exc.train_loss), "lr": exc.lr},
-                           "epochs": run.history, **_run_facts(args, argv, config, device, started)})
+    except TrainingStopped as exc:
+        # What was learnt up to the divergence or collapse still goes to --json, marked as such.
+        _write_json(args, {exc.kind: exc.facts(), "epochs": run.history,
+                           **_run_facts(args, argv, config, device, started)})
         raise
     results = run.finish()
     results.update(_run_facts(args, argv, config, device, started))
@@ -356,8 +364,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (default: the command line), train, report; 0 on success.
 
     Bad options exit with status 2 and a one-line message naming the option (SystemExit). A run
-    whose training loss becomes NaN or infinite stops at the end of that epoch with a
-    message and returns 1 (its checkpoints end at the last finite epoch).
+    whose training loss becomes NaN or infinite (or whose topology update meets NaN or inf),
+    or that collapses (an epoch's training loss no better than chance after a better one),
+    stops at the end of that epoch with a one-line message and returns 1; its checkpoints
+    end at the last epoch before, and ``--json`` holds what happened (``"diverged"`` or
+    ``"collapsed"``) and the epochs trained.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -366,8 +377,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_command(args, argv)
     except (ConfigError, DataError) as exc:
         parser.exit(2, f"{parser.prog}: error: {_one_line(exc)}\n")
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except TrainingStopped as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     return 0
 

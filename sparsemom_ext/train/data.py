@@ -2,8 +2,9 @@
 
 Images stay uint8 ``(N, C, H, W)`` (a quarter of the memory of float32) and are
 converted and normalised one batch at a time by :meth:`Dataset.batch`. The
-validation split is drawn from a permutation seeded by ``seed``, so every run with
-the same seed holds out the same images.
+validation split is, by default, the last images of the training files (the reference
+code's split: the same for every seed); ``val_split_mode="random"`` draws it from a
+permutation seeded by ``seed`` instead.
 """
 
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ import torch
 
 from .. import data as sm_data
 
-__all__ = ["DATASETS", "MAX_CLASSES", "DataError", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "MAX_CLASSES", "VAL_SPLIT_MODES", "DataError", "Dataset", "load_dataset"]
 
 DATASETS = ("mnist", "idx", "cifar10")
+#: How the validation images are chosen: the last ones of the training files, or a seeded permutation.
+VAL_SPLIT_MODES = ("last", "random")
 
 # Normalisation constants of the reference code (sparse_learning): MNIST's pixel mean
 # and std, and the per-channel CIFAR-10 values it uses.
@@ -128,7 +131,8 @@ def _check_split(name: str, split: str, images: torch.Tensor, labels: torch.Tens
 
 
 def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 0.1, seed: int = 0,
-                 train_size: Optional[int] = None, test_size: Optional[int] = None) -> Dataset:
+                 train_size: Optional[int] = None, test_size: Optional[int] = None,
+                 val_split_mode: str = "last") -> Dataset:
     """Load ``name`` ("mnist", "idx" or "cifar10") and hold out a validation split.
 
     ``mnist`` is the copy shipped with the package (or the MNIST files in
@@ -136,7 +140,9 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 
     layout: Fashion-MNIST, KMNIST, ...); ``cifar10`` the python-version batches in
     ``data_dir``. ``train_size`` / ``test_size`` keep only the first images of the
     training / test files (for quick runs). Then ``round(val_split * n)`` training
-    images, chosen by a permutation seeded with ``seed``, become the validation set.
+    images become the validation set: with ``val_split_mode="last"`` (default, the
+    reference code's split) the last ones, the same for every ``seed``, and the first ones
+    train in file order; with ``"random"`` those of a permutation seeded with ``seed``.
 
     MNIST and CIFAR-10 are normalised with the reference code's constants; an IDX
     data set with the per-channel mean and std of its training images (after the
@@ -150,6 +156,8 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 
     """
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if val_split_mode not in VAL_SPLIT_MODES:
+        raise DataError(f"--val-split-mode must be one of {', '.join(VAL_SPLIT_MODES)}; got {val_split_mode!r}")
     if name != "mnist" and data_dir is None:
         raise DataError(f"--dataset {name} needs --data-dir (the folder holding its files)")
     data_dir = None if data_dir is None else Path(data_dir)
@@ -165,8 +173,12 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, val_split: float = 
     n_val = round(val_split * len(x))
     if len(x) - n_val < 1:
         raise DataError(f"--val-split {val_split} of {len(x)} training images leaves none to train on")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    if val_split_mode == "last":
+        order = torch.arange(len(x))
+        train_idx, val_idx = order[:len(x) - n_val], order[len(x) - n_val:]
+    else:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        val_idx, train_idx = order[:n_val], order[n_val:]
     train_x, train_y = x[train_idx], y[train_idx]
     if name == "mnist":
         mean, std = _MNIST_MEAN_STD

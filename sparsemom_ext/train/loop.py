@@ -3,8 +3,8 @@
 One :class:`Run` holds everything a checkpoint needs. Every source of randomness is
 explicit so that a run resumed from a checkpoint reproduces the uninterrupted one
 exactly: the model is initialised from torch's global generator seeded with
-``seed``, the masks are drawn from a generator seeded with ``seed``, the validation
-split from a permutation seeded with ``seed`` (see :mod:`.data`), and the shuffling
+``seed``, the masks are drawn from a generator seeded with ``seed``, a random
+validation split from a permutation seeded with ``seed`` (see :mod:`.data`), and the shuffling
 (and augmentation) of each epoch from a generator seeded with ``seed + 1`` that the
 checkpoint saves.
 
@@ -13,6 +13,11 @@ with the masks for sparse weights), the learning-rate schedule's step (per
 iteration, as the reference code), ``engine.step()``. After each epoch: evaluation
 on the validation split, then ``engine.end_of_epoch()`` (the topology update; the
 engine's ``total_steps`` is the run's, so the last epoch's end does not update).
+
+A run stops (:class:`TrainingStopped`, before the epoch's evaluation, update and
+checkpoint) when it has diverged (an epoch's training loss is NaN or infinite, or the
+engine's update meets NaN or inf) or collapsed (an epoch's training loss is no better
+than chance, after an earlier epoch's was).
 """
 
 import math
@@ -31,27 +36,78 @@ import sparsemom_ext as sm
 from . import models, speedup
 from .data import Dataset
 
-__all__ = ["ConfigError", "Run", "TrainingDiverged", "make_optimizer", "make_scheduler", "training_step"]
+__all__ = ["ConfigError", "Run", "TrainingCollapsed", "TrainingDiverged", "TrainingStopped", "chance_loss",
+           "make_optimizer", "make_scheduler", "training_step"]
 
 #: Dense steps run before the timed ones of ``--compare-dense`` (allocator and caches warm up).
 COMPARE_WARMUP_STEPS = 5
+#: An epoch's training loss at or above this fraction of :func:`chance_loss` is "at chance":
+#: the network does about as well as predicting the class frequencies whatever its input (a
+#: disconnected network outputs its last bias), or worse. 2% below chance: an epoch that
+#: is learning anything at all is well below it.
+CHANCE_FRACTION = 0.98
 
 
 class ConfigError(ValueError):
     """Options that cannot be run together (the command line reports it and exits with 2)."""
 
 
-class TrainingDiverged(RuntimeError):
-    """The training loss of an epoch was not finite (NaN or infinite): the weights cannot recover.
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on (the command prints the message and exits with 1).
 
-    Raised at the end of that epoch, before its evaluation, topology update and
-    checkpoint, so the last checkpoint written is the last finite state.
-    """
+    Raised at the end of an epoch, before its evaluation, topology update and
+    checkpoint, so the last checkpoint written is the last healthy state. ``kind`` is
+    the key of ``--json`` that holds :meth:`facts`."""
 
-    def __init__(self, epoch: int, train_loss: float, lr: float):
-        self.epoch, self.train_loss, self.lr = epoch, train_loss, lr
-        super().__init__(f"training diverged: the training loss of epoch {epoch} is {train_loss} "
-                         f"(learning rate {lr:g}); lower --lr or try another --seed")
+    kind = "stopped"
+
+    def facts(self) -> dict:
+        raise NotImplementedError
+
+
+class TrainingDiverged(TrainingStopped):
+    """The training loss of an epoch was not finite (NaN or infinite), or the topology update
+    at its end met NaN or inf (``cause``: the engine's message): the weights cannot recover."""
+
+    kind = "diverged"
+
+    def __init__(self, epoch: int, train_loss: float, lr: float, cause: Optional[str] = None):
+        self.epoch, self.train_loss, self.lr, self.cause = epoch, train_loss, lr, cause
+        what = cause if cause is not None else f"the training loss of epoch {epoch} is {train_loss}"
+        super().__init__(f"training diverged: {what} (learning rate {lr:g}); lower --lr or try another --seed")
+
+    def facts(self) -> dict:
+        facts = {"epoch": self.epoch, "train_loss": str(self.train_loss), "lr": self.lr}
+        if self.cause is not None:
+            facts["cause"] = self.cause
+        return facts
+
+
+class TrainingCollapsed(TrainingStopped):
+    """An epoch's training loss was at chance (:data:`CHANCE_FRACTION` of :func:`chance_loss`
+    or more) after an earlier epoch's was below it: the network has stopped using its input
+    (at 5% density, a fully connected layer that lost its units does this)."""
+
+    kind = "collapsed"
+
+    def __init__(self, epoch: int, train_loss: float, chance: float, best_epoch: int, best_loss: float, lr: float):
+        self.epoch, self.train_loss, self.chance, self.lr = epoch, train_loss, chance, lr
+        self.best_epoch, self.best_loss = best_epoch, best_loss
+        super().__init__(f"training collapsed: the training loss of epoch {epoch} is {train_loss:.4f}, no better "
+                         f"than chance ({chance:.4f}, predicting the class frequencies), after {best_loss:.4f} at "
+                         f"epoch {best_epoch} (learning rate {lr:g}); lower --lr or try another --seed")
+
+    def facts(self) -> dict:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, "chance_loss": self.chance,
+                "best_epoch": self.best_epoch, "best_train_loss": self.best_loss, "lr": self.lr}
+
+
+def chance_loss(labels: torch.Tensor) -> float:
+    """The cross-entropy of the best prediction that ignores the input: the entropy of the
+    class frequencies of ``labels`` (ln 10 for 10 balanced classes)."""
+    p = torch.bincount(labels.reshape(-1).cpu()).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
 
 
 def make_optimizer(args, params) -> torch.optim.Optimizer:
@@ -131,10 +187,12 @@ class Run:
                     update_every=args.update_every, total_steps=self.total_steps, growth=args.growth,
                     prune=args.prune, redistribution=args.redistribution, decay=args.prune_decay, seed=args.seed,
                     steps_per_epoch=self.steps_per_epoch, decay_end=args.decay_end, scope=args.scope,
-                    candidates=args.candidates, sampling=args.sampling, window=args.window)
+                    candidates=args.candidates, sampling=args.sampling, window=args.window,
+                    connectivity=args.connectivity)
             except ValueError as exc:
                 raise ConfigError(f"the sparsity engine rejects these options: {exc}") from exc
         self.shuffle = torch.Generator().manual_seed(args.seed + 1)
+        self.chance_loss = chance_loss(data.train_y)
         self.epoch = 0  # epochs completed
         self.history: List[dict] = []  # one record per completed epoch
         self.step_times: List[float] = []  # seconds, every training step of the run
@@ -152,10 +210,11 @@ class Run:
         if not dense:
             try:
                 sm.sparsify(model, density=args.density, distribution=args.distribution, layout=args.layout,
-                            generator=torch.Generator().manual_seed(args.seed))
+                            generator=torch.Generator().manual_seed(args.seed), connectivity=args.connectivity)
             except ValueError as exc:
                 raise ConfigError(f"cannot sparsify {args.model} with --density {args.density} "
-                                  f"--distribution {args.distribution} --layout {args.layout}: {exc}") from exc
+                                  f"--distribution {args.distribution} --layout {args.layout} "
+                                  f"--connectivity {args.connectivity}: {exc}") from exc
         return model.to(self.device)
 
     def layer_densities(self) -> Dict[str, float]:
@@ -219,7 +278,11 @@ class Run:
             y = data.train_y[index]
             _synchronize(device)
             t0 = time.perf_counter()
-            logits, loss = training_step(self.model, self.optimizer, self.scheduler, self.engine, x, y)
+            try:  # with --update-every the engine updates inside the step
+                logits, loss = training_step(self.model, self.optimizer, self.scheduler, self.engine, x, y)
+            except sm.NonFiniteSignalError as exc:
+                raise TrainingDiverged(epoch, float(loss_sum) / max(seen, 1), self.optimizer.param_groups[0]["lr"],
+                                       cause=str(exc)) from exc
             _synchronize(device)
             step_times.append(time.perf_counter() - t0)
             with torch.no_grad():
@@ -233,8 +296,10 @@ class Run:
         if bar is not None:
             bar.close()
         train_s = time.perf_counter() - started
+        lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(float(loss_sum)):
-            raise TrainingDiverged(epoch, float(loss_sum) / seen, self.optimizer.param_groups[0]["lr"])
+            raise TrainingDiverged(epoch, float(loss_sum) / seen, lr)
+        self._check_not_collapsed(epoch, float(loss_sum) / seen, lr)
 
         record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
                   "val_loss": None, "val_acc": None, "input_density": None,
@@ -249,7 +314,10 @@ class Run:
         if self.engine is not None:
             updates, rate = self.engine.updates, self.engine.prune_rate()
             started = time.perf_counter()
-            self.engine.end_of_epoch()
+            try:
+                self.engine.end_of_epoch()
+            except sm.NonFiniteSignalError as exc:  # nothing was changed: stop as a divergence
+                raise TrainingDiverged(epoch, record["train_loss"], lr, cause=str(exc)) from exc
             record["update_s"] = time.perf_counter() - started
             if self.engine.updates > updates:
                 record["prune_rate"] = rate
@@ -259,6 +327,15 @@ class Run:
         self.step_times.extend(step_times)
         self.update_times.append(record["update_s"])
         return record
+
+    def _check_not_collapsed(self, epoch: int, train_loss: float, lr: float) -> None:
+        """:class:`TrainingCollapsed` when ``train_loss`` is at chance and an earlier epoch's
+        (``history``, restored on resume) was below it."""
+        threshold = CHANCE_FRACTION * self.chance_loss
+        earlier = [(r["train_loss"], r["epoch"]) for r in self.history if r["train_loss"] < threshold]
+        if train_loss >= threshold and earlier:
+            best_loss, best_epoch = min(earlier)
+            raise TrainingCollapsed(epoch, train_loss, self.chance_loss, best_epoch, best_loss, lr)
 
     # ---------------------------------------------------------------- final results
     def compare_dense(self, steps: int) -> List[float]:
