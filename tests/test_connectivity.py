@@ -59,6 +59,7 @@ def test_the_issues_network_disconnects_at_the_reference_and_not_with_the_rule()
     opt = sm.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     engine = SparseMomentum(reference, opt, total_steps=100, connectivity="reference")
     assert train_and_update(reference, engine, opt, updates=1)[0][1] == (0, 2)  # Linear(3, 2) emptied
+    assert [r.units_without_input for r in engine.history] == [0, 2, 1, 0]  # the history says so
 
     for layout in ("mask", "csr"):
         model = issue_network("floor", layout)

@@ -320,7 +320,9 @@ def test_history_logs_every_layer_of_every_update():
     assert len(engine.history) == 2 * len(engine.weights)
     table = engine.format_history(last=1)
     lines = table.splitlines()
-    assert lines[0].split() == ["step", "layer", "prune_rate", "statistic", "pruned", "grown", "nnz", "density"]
+    assert lines[0].split() == ["step", "layer", "prune_rate", "statistic", "pruned", "grown", "nnz", "density",
+                                "units_without_input"]
+    assert all(line.split()[-1] == "0" for line in lines[1:])  # the rule is on
     assert [line.split()[1] for line in lines[1:]] == [w.name for w in engine.weights]
     assert all(line.split()[0] == "4" for line in lines[1:])
     assert sum(r.statistic for r in engine.history[-3:]) == pytest.approx(1.0)

@@ -54,7 +54,9 @@ class NonFiniteSignalError(RuntimeError):
 
 @dataclass
 class UpdateRecord:
-    """What one topology update did to one layer."""
+    """What one topology update did to one layer. ``units_without_input``: the output units
+    (rows) holding no active weight after it (0 under ``connectivity="floor"``; None in
+    records saved before it was kept)."""
 
     step: int
     layer: str
@@ -64,6 +66,7 @@ class UpdateRecord:
     grown: int
     nnz: int
     density: float
+    units_without_input: Optional[int] = None
 
 
 class SparseMomentum:
@@ -273,8 +276,9 @@ class SparseMomentum:
         for w, (layout, grown_state), share, k, (g, _) in zip(self.weights, commits, shares, n_prune, grown):
             w.commit(layout, self.optimizer.state.get(w.param, {}), grown_state)
             nnz = w.count()
+            cut = empty_rows_of_flat(layout.flat, w.n_rows, w.n_cols).numel() if w.n_cols else 0
             records.append(UpdateRecord(self.steps, w.name, rate, share, k, g.numel(), nnz,
-                                        nnz / w.numel if w.numel else 0.0))
+                                        nnz / w.numel if w.numel else 0.0, cut))
         self.growth_method.windows.clear()
         self.updates += 1
         self.history.extend(records)
@@ -391,9 +395,11 @@ class SparseMomentum:
     def format_history(self, last: Optional[int] = None) -> str:
         """The per-layer log of the topology updates as an aligned table (``last`` updates only)."""
         records = self.history[-last * len(self.weights):] if last else self.history
-        header = ("step", "layer", "prune_rate", "statistic", "pruned", "grown", "nnz", "density")
+        header = ("step", "layer", "prune_rate", "statistic", "pruned", "grown", "nnz", "density",
+                  "units_without_input")
         rows = [(str(r.step), r.layer, f"{r.prune_rate:.4f}", f"{r.statistic:.4f}", str(r.pruned),
-                 str(r.grown), str(r.nnz), f"{r.density:.4f}") for r in records]
+                 str(r.grown), str(r.nnz), f"{r.density:.4f}",
+                 "?" if r.units_without_input is None else str(r.units_without_input)) for r in records]
         widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
