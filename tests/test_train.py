@@ -339,6 +339,8 @@ def test_a_run_back_at_chance_stops_as_collapsed_with_a_message_and_exit_1(tmp_p
     assert collapsed["train_loss"] >= 0.98 * collapsed["chance_loss"] > collapsed["best_train_loss"]
     assert collapsed["chance_loss"] == pytest.approx(math.log(10), abs=0.02)  # 360 images of 10 classes
     assert [r["epoch"] for r in results["epochs"]] == [1, 2] and "test" not in results
+    assert len(results["topology_updates"]) == 2 * 3  # the updates after epochs 1 and 2, 3 layers each
+    assert {r["units_without_input"] for r in results["topology_updates"]} == {0}
     assert sorted(p.name for p in tmp_path.glob("c-*.pt")) == ["c-1.pt", "c-2.pt"]  # not the collapsed epoch
 
 

@@ -330,6 +330,7 @@ def _train_and_report(args, argv: List[str], device: torch.device, started: floa
     except TrainingStopped as exc:
         # What was learnt up to the divergence or collapse still goes to --json, marked as such.
         _write_json(args, {exc.kind: exc.facts(), "epochs": run.history,
+                           "topology_updates": [] if run.engine is None else [vars(r) for r in run.engine.history],
                            **_run_facts(args, argv, config, device, started)})
         raise
     results = run.finish()
