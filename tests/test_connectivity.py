@@ -227,26 +227,37 @@ def test_protected_active_is_each_rows_largest_weight_ties_to_the_last():
     assert protected_active(torch.tensor([], dtype=torch.long), torch.tensor([]), 4).numel() == 0
 
 
-def test_non_finite_signals_name_the_layer_and_change_nothing():
-    for what, growth in (("momentum", "momentum"), ("weights", "random"), ("gradient growth scores", "gradient")):
-        model = issue_network("floor", seed=3)
-        opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        redistribution = "momentum" if growth == "momentum" else "magnitude"
-        engine = SparseMomentum(model, opt, total_steps=100, growth=growth, redistribution=redistribution)
-        train_steps(model, opt, engine, steps=2)
-        layer = sparse_layers(model)[2]
-        with torch.no_grad():
-            if what == "momentum":
-                opt.state[layer.weight]["momentum_buffer"][0, 0] = math.nan
-            elif what == "weights":
-                layer.weight[0, int(layer.mask[0].nonzero()[0])] = math.inf
-            else:
-                layer.weight.grad[0, 0] = -math.inf
-        masks = [m.mask.clone() for m in sparse_layers(model)]
-        weights = [m.weight.detach().clone() for m in sparse_layers(model)]
-        with pytest.raises(sm.NonFiniteSignalError, match=rf"1 NaN or infinite {what} in '4.weight'"):
-            engine.update()
-        assert engine.updates == 0 and engine.history == []
-        for m, old_mask, old_weight in zip(sparse_layers(model), masks, weights):
-            assert torch.equal(m.mask, old_mask)
-            assert torch.equal(m.weight.detach(), old_weight)
+@pytest.mark.parametrize("layout", ["mask", "csr"])
+@pytest.mark.parametrize("what,growth,bad", [("momentum", "momentum", math.nan), ("momentum", "momentum", math.inf),
+                                             ("weights", "random", math.inf),
+                                             ("gradient growth scores", "gradient", -math.inf)])
+def test_non_finite_signals_name_the_layer_and_change_nothing(layout, what, growth, bad):
+    model = issue_network("floor", layout, seed=3)
+    opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    redistribution = "momentum" if growth == "momentum" else "magnitude"
+    engine = SparseMomentum(model, opt, total_steps=100, growth=growth, redistribution=redistribution)
+    train_steps(model, opt, engine, steps=2)
+    layer = sparse_layers(model)[2]  # Linear(2, 1), named '4.weight' (or '4.values')
+    param = layer.weight if layout == "mask" else layer.values
+    with torch.no_grad():
+        if what == "momentum":
+            opt.state[param]["momentum_buffer"].view(-1)[0] = bad
+        elif what == "weights":
+            param.view(-1)[int(layer.mask.reshape(-1).nonzero()[0]) if layout == "mask" else 0] = bad
+        elif layout == "mask":
+            param.grad.view(-1)[0] = bad
+        else:  # csr: RigL's gradient comes from the layer's last batch
+            engine._probes[engine.weights[2].name].last[1].view(-1)[0] = bad
+    masks = [m.mask.clone() for m in sparse_layers(model)]
+    values = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    # (a csr layer's RigL gradient is grad_out^T x: one bad output gradient spoils a whole row)
+    with pytest.raises(sm.NonFiniteSignalError, match=rf"at step 2 found \d NaN or infinite {what} in "
+                                                      r"'4.(weight|values)'; nothing was changed"):
+        engine.update()
+    assert engine.updates == 0 and engine.history == []
+    assert all(torch.equal(m.mask, old) for m, old in zip(sparse_layers(model), masks))
+    for p, old_value, old_state in zip(model.parameters(), values, state):
+        torch.testing.assert_close(p.detach(), old_value, rtol=0, atol=0, equal_nan=True)
+        for key, tensor in old_state.items():
+            torch.testing.assert_close(opt.state[p][key], tensor, rtol=0, atol=0, equal_nan=True)

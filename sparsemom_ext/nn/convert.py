@@ -142,7 +142,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
 
     Returns ``model`` (or, when ``model`` itself is a Linear/Conv2d, its sparse
     replacement: use the return value). Raises ValueError for a bad density,
-    distribution, layout or unknown excluded name, when nothing is left to convert, for
+    distribution, layout, connectivity or unknown excluded name, for a density that gives
+    fewer weights than output units under ``connectivity="floor"``, when nothing is left to convert, for
     an nn.Linear/Conv2d/MultiheadAttention subclass with its own forward (exclude it),
     and for a layer whose weight or bias is shared with another module (converting copies it, which
     would silently untie it).

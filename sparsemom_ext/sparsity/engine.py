@@ -153,7 +153,8 @@ class SparseMomentum:
 
     After every update each layer's count is its previous count minus what it pruned
     plus what it grew, the global count is unchanged, no grown position was active
-    after pruning, and weights are zero wherever masks are False. Growth signals that
+    after pruning, weights are zero wherever masks are False, and (``connectivity="floor"``)
+    every output unit has an input. Growth signals that
     need a layer's batches come from forward hooks the engine adds to those layers
     (:meth:`remove_hooks` takes them off).
     """
