@@ -86,6 +86,7 @@ def main():
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
+    dist.barrier()  # both ranks shut the group down together
     dist.destroy_process_group()
 
 
