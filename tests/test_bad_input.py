@@ -593,6 +593,16 @@ def test_a_mask_layer_refuses_a_mask_that_is_not_bool_and_changes_nothing(dtype)
     state = layer.state_dict()
     state["mask"] = torch.full((4, 6), 0.5).to(dtype)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    with pytest.raises(RuntimeError, match="mask of the layer must be a bool tensor"):
+    with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
         layer.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_attention_refuses_a_projection_mask_that_is_not_bool_and_changes_nothing():
+    attention = sm.sparsify(torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2)), density=0.5)[0]
+    state = attention.state_dict()
+    state["in_proj_weight_mask"] = torch.full_like(state["in_proj_weight_mask"], 0.5, dtype=torch.float32)
+    before = {k: v.clone() for k, v in attention.state_dict().items()}
+    with pytest.raises(RuntimeError, match="in_proj_weight_mask must be a bool tensor"):
+        attention.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in attention.state_dict().items())

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..sparsity.init import random_mask
-from ..sparsity.masks import attach_mask
+from ..sparsity.masks import attach_mask, non_bool_masks
 from .mask_layout import _zero_inactive
 
 __all__ = ["SparseMultiheadAttention", "projection_weight_names"]
@@ -96,6 +96,10 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        bad = non_bool_masks(state_dict, [prefix + n + "_mask" for n in projection_weight_names(self)])
+        if bad:
+            error_msgs.extend(bad)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # assign=True replaces the tensors, and a checkpoint may be nonzero off its masks.

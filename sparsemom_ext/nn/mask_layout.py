@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from .. import ops
 from ..csr_structure import check_canonical_structure, csr_from_mask, csr_to_dense, csr_to_mask
 from ..ops import mask_apply_
-from ..sparsity.masks import attach_mask
+from ..sparsity.masks import attach_mask, non_bool_masks
 from ..sparsity.init import check_density, exact_count, random_mask, check_generator
 
 __all__ = ["BACKENDS", "LAYOUTS", "SparseConv2d", "SparseLinear", "check_layout"]
@@ -102,10 +102,9 @@ class _MaskLayoutMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        mask = state_dict.get(prefix + "mask")
-        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
-            # copy_ would cast it: 0.5 would load as True without a word.
-            error_msgs.append(f"mask of {prefix or 'the layer'} must be a bool tensor, got {mask.dtype}")
+        bad = non_bool_masks(state_dict, [prefix + "mask"])
+        if bad:
+            error_msgs.extend(bad)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

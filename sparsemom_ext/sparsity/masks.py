@@ -73,3 +73,10 @@ def used_slots_of(param: torch.Tensor):
     """The number of used leading entries of ``param`` (see :class:`UsedSlots`), or ``None``."""
     slots = getattr(param, _SLOTS_ATTR, None)
     return None if slots is None else slots.count
+
+
+def non_bool_masks(state_dict, keys) -> list:
+    """Error messages for the entries ``keys`` of a state_dict that are masks of another
+    dtype than bool: loading copies into the bool buffers, which would turn 0.5 into True."""
+    return [f"{key} must be a bool tensor, got {state_dict[key].dtype}" for key in keys
+            if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dtype != torch.bool]
