@@ -76,3 +76,12 @@ def test_fsdp_is_refused_by_name(tmp_path):
             sm.SparseMomentum(model, opt, total_steps=10)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_process_group_without_torch_distributed_is_refused_and_nothing_changes():
+    model = sm.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), density=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="process_group was given, but torch.distributed is not initialized"):
+        sm.SparseMomentum(model, opt, total_steps=10, process_group=object())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
