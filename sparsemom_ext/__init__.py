@@ -32,10 +32,11 @@ from .ops import (  # noqa: E402
 )
 from .sparsity import NonFiniteSignalError, SparseMomentum, attach_mask, detach_mask, mask_of  # noqa: E402
 from . import nn  # noqa: E402
-from .nn import (CsrLinear, SparseConv2d, SparseLinear, SparseMultiheadAttention, densify,  # noqa: E402
+from .nn import (CsrConv2d, CsrLinear, SparseConv2d, SparseLinear, SparseMultiheadAttention, densify,  # noqa: E402
                  density_report, sparsify)
 
 __all__ = [
+    "CsrConv2d",
     "CsrLinear",
     "NonFiniteSignalError",
     "SparseConv2d",

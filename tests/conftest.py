@@ -139,17 +139,17 @@ def make_optimizer(name, params):
 
 
 def check_structure(layer):
-    """The csr layer's invariants: canonical structure, matching transpose, finite values,
-    zeros in the idle slots of the fixed capacity."""
+    """The csr layer's (CsrLinear's, CsrConv2d's) invariants: canonical structure, matching
+    transpose, finite values, zeros in the idle slots of the fixed capacity."""
     row_ptr, col_idx = layer.structure()
     assert row_ptr[0] == 0 and row_ptr[-1] == layer.nnz == col_idx.numel() <= layer.capacity
     assert layer.values.numel() == layer.capacity and not layer.values[layer.nnz:].any()
     assert bool((row_ptr.diff() >= 0).all())
-    flat = flat_indices(row_ptr, col_idx, layer.in_features)
+    flat = flat_indices(row_ptr, col_idx, layer.n_cols)
     assert bool((flat.diff() > 0).all()), "columns sorted and distinct within each row"
-    assert bool(((col_idx >= 0) & (col_idx < layer.in_features)).all())
+    assert bool(((col_idx >= 0) & (col_idx < layer.n_cols)).all())
     for cached, fresh in zip((layer.col_ptr, layer.row_idx[: layer.nnz], layer.perm[: layer.nnz]),
-                             sm.ops.csr_transpose(row_ptr, col_idx, layer.in_features)):
+                             sm.ops.csr_transpose(row_ptr, col_idx, layer.n_cols)):
         assert torch.equal(cached, fresh)
     assert int(layer.mask.sum()) == layer.nnz
     assert bool(torch.isfinite(layer.values).all())

@@ -179,5 +179,5 @@ def test_sparse_csr_weight_of_a_conv_is_its_unfolded_matrix():
 
 
 def test_sparse_csr_weight_names_what_it_takes():
-    with pytest.raises(TypeError, match="layer must be a CsrLinear, SparseLinear or SparseConv2d, got Linear"):
+    with pytest.raises(TypeError, match="layer must be a CsrLinear, CsrConv2d, SparseLinear or SparseConv2d, got Linear"):
         sparse_csr_weight(nn.Linear(3, 3))

@@ -136,8 +136,11 @@ def test_sparsify_errors():
         sparsify(make_net(), 0.1, distribution="random")
     with pytest.raises(ValueError, match="layout"):
         sparsify(make_net(), 0.1, layout="dense")
-    with pytest.raises(ValueError, match="nn.Linear only; features.0, features.4 are nn.Conv2d"):
-        sparsify(make_net(), 0.1, layout="csr")
+    grouped = make_net()
+    grouped.features[4] = nn.Conv2d(6, 16, 5, groups=2)
+    with pytest.raises(ValueError, match=r"cannot convert features\.4 .*groups must be 1.*exclude=.*layout='mask'"):
+        sparsify(grouped, 0.1, layout="csr")
+    assert type(grouped.features[0]) is nn.Conv2d and type(grouped.fc1) is nn.Linear, "nothing converted"
     with pytest.raises(TypeError, match="model"):
         sparsify([nn.Linear(2, 2)], 0.1)
     with pytest.raises(ValueError, match="forward pass"):
@@ -270,7 +273,7 @@ def test_sparsify_csr_has_the_counts_and_masks_of_the_mask_layout(distribution):
 def test_to_layout_rejects_what_it_cannot_convert():
     with pytest.raises(ValueError, match="layout"):
         to_layout(SparseLinear(4, 5, density=0.5), "dense")
-    with pytest.raises(TypeError, match="SparseLinear, CsrLinear or SparseConv2d"):
+    with pytest.raises(TypeError, match="SparseLinear, SparseConv2d, CsrLinear or CsrConv2d"):
         to_layout(nn.Linear(4, 5), "csr")
-    with pytest.raises(ValueError, match="linear layers only"):
-        to_layout(sm.SparseConv2d(2, 3, 3, density=0.5), "csr")
+    with pytest.raises(ValueError, match="dilation must be 1"):
+        to_layout(sm.SparseConv2d(2, 3, 3, dilation=2, density=0.5), "csr")

@@ -2,8 +2,9 @@
 
 - :class:`SparseLinear`, :class:`SparseConv2d`: drop-in ``nn.Linear`` / ``nn.Conv2d``
   with a bool ``mask`` buffer attached to the dense weight (the mask layout);
-- :class:`CsrLinear`: a linear layer that stores only its active weights (the
-  always-sparse csr layout);
+- :class:`CsrLinear`, :class:`CsrConv2d`: a linear layer and a 2-D convolution that
+  store only their active weights (the always-sparse csr layout; :class:`CsrLayer`, their
+  shared storage);
 - :func:`sparsify`: convert a model's Linear/Conv2d layers at a global density with a
   uniform / er / erk distribution, in either layout;
 - :func:`to_layout`: one layer in the other layout, computing the same function;
@@ -15,12 +16,14 @@
 
 from .attention import SparseMultiheadAttention
 from .convert import DensityReport, DensityRow, density_report, sparsify, to_layout
-from .csr_layout import CsrLinear
+from .csr_layout import CsrConv2d, CsrLayer, CsrLinear
 from .export import densify, sparse_csr_weight
 from .mask_layout import LAYOUTS, SparseConv2d, SparseLinear
 
 __all__ = [
     "LAYOUTS",
+    "CsrConv2d",
+    "CsrLayer",
     "CsrLinear",
     "DensityReport",
     "DensityRow",

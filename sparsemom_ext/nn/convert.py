@@ -12,13 +12,13 @@ from ..sparsity.connectivity import check_connectivity, connect_rows, floor_coun
 from ..sparsity.init import check_density, check_distribution, check_generator, layer_counts
 from ..sparsity.masks import mask_of
 from .attention import SparseMultiheadAttention, projection_weight_names
-from .csr_layout import CsrLinear, default_capacity
+from .csr_layout import CsrConv2d, CsrLayer, CsrLinear, check_csr_conv_options, default_capacity
 from .mask_layout import SparseConv2d, SparseLinear, check_layout
 
 __all__ = ["DensityReport", "DensityRow", "density_report", "sparsify", "to_layout"]
 
 _SPARSE_FOR = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d, nn.MultiheadAttention: SparseMultiheadAttention}
-_SPARSE_TYPES = (SparseLinear, SparseConv2d, CsrLinear, SparseMultiheadAttention)
+_SPARSE_TYPES = (SparseLinear, SparseConv2d, CsrLayer, SparseMultiheadAttention)
 #: The attribute of a converted layer that records the torch class it replaced, so that
 #: densify() gives back that class (MultiheadAttention's out_proj is a
 #: NonDynamicallyQuantizableLinear, not an nn.Linear).
@@ -108,8 +108,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     Each converted layer is ``SparseLinear.from_dense`` / ``SparseConv2d.from_dense`` of
     the original (its weight values kept at active positions, its bias, device, dtype
     and train/eval mode); with ``layout="csr"`` each SparseLinear then becomes a
-    :class:`~sparsemom_ext.nn.CsrLinear` (the same function, stored always-sparse) with
-    ``default_capacity(nnz, numel, model_nnz)`` value slots. An ``nn.MultiheadAttention``
+    :class:`~sparsemom_ext.nn.CsrLinear` and each SparseConv2d a
+    :class:`~sparsemom_ext.nn.CsrConv2d` (the same function, stored always-sparse) with
+    ``default_capacity(nnz, numel, model_nnz)`` value slots. The csr conv computes dilation
+    1, groups 1, zero padding: a conv with anything else raises a ValueError naming it
+    (exclude it, or use ``layout="mask"``), before anything is converted. An ``nn.MultiheadAttention``
     becomes a :class:`~sparsemom_ext.nn.SparseMultiheadAttention` (its input projection
     weights masked, its ``out_proj`` converted like any linear layer). Attention reads its
     weights as tensors (``in_proj_weight``, ``out_proj.weight``), so with ``layout="csr"``
@@ -135,7 +138,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     ``exclude`` holds module names as in ``named_modules()`` (``"fc3"``,
     ``"features.0"``; a container's name keeps everything inside it dense) and/or
     module classes (a layer that is, or sits inside, an instance stays dense). Layers
-    that already are sparse (SparseLinear, SparseConv2d, CsrLinear, SparseMultiheadAttention)
+    that already are sparse (SparseLinear, SparseConv2d, CsrLinear, CsrConv2d, SparseMultiheadAttention)
     are left alone and do not count in the density. Biases, norm layers and other
     modules are untouched; forward hooks of a replaced layer are not carried over. Build
     the optimizer after sparsify().
@@ -216,13 +219,16 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
 
     read_as_weight = _read_as_weight(model)
     if layout == "csr":
-        convs = [name or "model" for name, module in layers if isinstance(module, nn.Conv2d)]
-        if convs:
-            raise ValueError(
-                f"layout='csr' is implemented for nn.Linear only; {', '.join(convs)} "
-                f"{'is an nn.Conv2d' if len(convs) == 1 else 'are nn.Conv2d'}: pass "
-                f"{'it' if len(convs) == 1 else 'them'} in exclude, or use layout='mask'"
-            )
+        for name, module in layers:
+            if isinstance(module, nn.Conv2d):
+                try:
+                    check_csr_conv_options(module.kernel_size, module.stride, module.padding, module.dilation,
+                                           module.groups, module.padding_mode)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"layout='csr' cannot convert {name or 'model'} ({module}): {exc}; the csr conv "
+                        "supports dilation 1, groups 1, padding_mode 'zeros' and int/pair/'valid' padding: pass "
+                        "it in exclude= to keep it dense, or use layout='mask'") from None
         in_mask = [name for name, module in layers if id(module) in read_as_weight]
         read = in_mask + [f"{name}.{pname}" for name, module in layers if isinstance(module, nn.MultiheadAttention)
                           for pname in _weight_names(module)]
@@ -293,23 +299,29 @@ def _connect(sparse: nn.Module, weight_name: str, mask_name: str, dense_weight: 
 
 
 def to_layout(layer: nn.Module, layout: str, *, capacity: Optional[int] = None) -> nn.Module:
-    """``layer`` (a sparse linear layer) in ``layout``: ``layer`` itself when it already is,
-    else a new layer computing the same function with the same active weights, bias,
-    device, dtype and mode: a :class:`CsrLinear` (``capacity`` value slots; None: its
-    default) for ``"csr"``, a :class:`SparseLinear` for ``"mask"``. Build the optimizer
-    after converting. A SparseConv2d has the mask layout only."""
+    """``layer`` (a sparse linear or conv layer) in ``layout``: ``layer`` itself when it
+    already is, else a new layer computing the same function with the same active weights,
+    bias, device, dtype and mode: a :class:`CsrLinear` / :class:`CsrConv2d` (``capacity``
+    value slots; None: its default) for ``"csr"``, a :class:`SparseLinear` /
+    :class:`SparseConv2d` for ``"mask"``. Build the optimizer after converting. A
+    SparseConv2d with dilation, groups, a padding mode or ``"same"`` padding has no csr
+    form: a ValueError names what is supported."""
     layout = check_layout(layout)
-    if not isinstance(layer, (SparseLinear, CsrLinear, SparseConv2d)):
-        raise TypeError(f"layer must be a SparseLinear, CsrLinear or SparseConv2d, got {type(layer).__name__}")
+    if not isinstance(layer, (SparseLinear, SparseConv2d, CsrLayer)):
+        raise TypeError(f"layer must be a SparseLinear, SparseConv2d, CsrLinear or CsrConv2d, got "
+                        f"{type(layer).__name__}")
     if layer.layout == layout:
         return layer
-    if isinstance(layer, SparseConv2d):
-        raise ValueError("layout='csr' is implemented for linear layers only; a SparseConv2d stays in the "
-                         "mask layout")
     if layout == "csr":
-        return _keep_dense_class(layer, CsrLinear.from_mask_layer(layer, capacity=capacity))
-    new = SparseLinear.from_weight_and_mask(layer.dense_weight(), layer.mask, layer.bias,
-                                            requires_grad=layer.values.requires_grad, training=layer.training)
+        csr_cls = CsrConv2d if isinstance(layer, SparseConv2d) else CsrLinear
+        return _keep_dense_class(layer, csr_cls.from_mask_layer(layer, capacity=capacity))
+    if isinstance(layer, CsrConv2d):
+        new = SparseConv2d.from_weight_and_mask(layer.dense_weight(), layer.mask, layer.bias, stride=layer.stride,
+                                                padding=layer.padding, requires_grad=layer.values.requires_grad,
+                                                training=layer.training)
+    else:
+        new = SparseLinear.from_weight_and_mask(layer.dense_weight(), layer.mask, layer.bias,
+                                                requires_grad=layer.values.requires_grad, training=layer.training)
     return _keep_dense_class(layer, new)
 
 
@@ -341,7 +353,7 @@ class DensityReport:
     """The active-weight counts of every weight of a model.
 
     ``rows``: one :class:`DensityRow` per weight, in ``named_modules()`` order: the
-    sparse ones (SparseLinear, SparseConv2d, CsrLinear, the projections of a
+    sparse ones (SparseLinear, SparseConv2d, CsrLinear, CsrConv2d, the projections of a
     SparseMultiheadAttention, any parameter given a mask with
     :func:`sparsemom_ext.attach_mask`) and the dense ones (every other parameter of at
     least two dimensions: the weights of dense Linear, Conv, Embedding, attention layers;
@@ -401,7 +413,7 @@ def density_report(model: nn.Module) -> DensityReport:
                                nnz / numel if numel else 0.0, sparse))
 
     for name, module in model.named_modules():
-        if isinstance(module, CsrLinear):
+        if isinstance(module, CsrLayer):
             seen.add(id(module.values))
             add(name, module, module.weight_shape, module.nnz, True)
         for pname, p in module._parameters.items():

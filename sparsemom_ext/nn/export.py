@@ -17,7 +17,7 @@ from ..csr_structure import csr_from_mask, csr_values_from_dense
 from ..sparsity.masks import detach_mask, mask_of
 from .attention import SparseMultiheadAttention
 from .convert import DENSE_CLASS_ATTR, FAST_PATH_ATTR
-from .csr_layout import CsrLinear
+from .csr_layout import CsrConv2d, CsrLayer, CsrLinear
 from .mask_layout import SparseConv2d, SparseLinear
 
 __all__ = ["densify", "sparse_csr_weight"]
@@ -50,12 +50,15 @@ def _dense_linear(layer: nn.Module) -> nn.Linear:
     return new.train(layer.training)
 
 
-def _dense_conv(layer: SparseConv2d) -> nn.Conv2d:
+def _dense_conv(layer: nn.Module) -> nn.Conv2d:
+    """An nn.Conv2d of a SparseConv2d or CsrConv2d (both have nn.Conv2d's attributes)."""
+    weight = layer.dense_weight()
+    requires_grad = (layer.values if isinstance(layer, CsrConv2d) else layer.weight).requires_grad
     cls = _dense_class(layer, nn.Conv2d)
     new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
               layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta",
-              dtype=layer.weight.dtype)
-    new.weight = _parameter(layer.dense_weight(), layer.weight.requires_grad)
+              dtype=weight.dtype)
+    new.weight = _parameter(weight, requires_grad)
     if layer.bias is not None:
         new.bias = _parameter(layer.bias, layer.bias.requires_grad)
     return new.train(layer.training)
@@ -81,7 +84,7 @@ def densify(model: nn.Module) -> nn.Module:
 
     Each SparseLinear / CsrLinear becomes an ``nn.Linear`` (or the ``nn.Linear`` subclass
     that :func:`~sparsemom_ext.sparsify` replaced, such as MultiheadAttention's
-    ``out_proj``), each SparseConv2d an ``nn.Conv2d``, each SparseMultiheadAttention an
+    ``out_proj``), each SparseConv2d / CsrConv2d an ``nn.Conv2d``, each SparseMultiheadAttention an
     ``nn.MultiheadAttention``: dense weights with exact zeros at the inactive positions,
     same bias, device, dtype, ``requires_grad`` and train/eval mode. Masks (buffers and
     masks attached to any other parameter) are gone, and torch's transformer fast paths
@@ -99,7 +102,7 @@ def densify(model: nn.Module) -> nn.Module:
     for module in modules:
         if isinstance(module, (SparseLinear, CsrLinear)):
             memo[id(module)] = _dense_linear(module)
-        elif isinstance(module, SparseConv2d):
+        elif isinstance(module, (SparseConv2d, CsrConv2d)):
             memo[id(module)] = _dense_conv(module)
     for module in modules:
         if isinstance(module, SparseMultiheadAttention):
@@ -123,20 +126,20 @@ def sparse_csr_weight(layer: nn.Module) -> torch.Tensor:
     detached), its nonzeros being the layer's active weights.
 
     ``layer``: a CsrLinear or SparseLinear (shape ``(out_features, in_features)``), or a
-    SparseConv2d (its weight flattened to ``(out_channels, in_channels // groups * kh * kw)``,
-    the matrix of an unfolded convolution). For inference with torch's sparse kernels:
+    SparseConv2d or CsrConv2d (its weight flattened to ``(out_channels, in_channels // groups
+    * kh * kw)``, the matrix of an unfolded convolution). For inference with torch's sparse kernels:
     ``y = (sparse_csr_weight(layer) @ x.T).T + layer.bias`` is ``layer(x)`` for ``x`` of
     shape ``(batch, in_features)``.
     """
-    if isinstance(layer, CsrLinear):
+    if isinstance(layer, CsrLayer):
         row_ptr, col_idx = layer.structure()
-        values, shape = layer.active_values(), layer.weight_shape
+        values, shape = layer.active_values(), (layer.n_rows, layer.n_cols)
     elif isinstance(layer, (SparseLinear, SparseConv2d)):
         weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         row_ptr, col_idx = csr_from_mask(layer.mask.reshape(weight.shape))
         values, shape = csr_values_from_dense(weight, row_ptr, col_idx), weight.shape
     else:
-        raise TypeError(f"layer must be a CsrLinear, SparseLinear or SparseConv2d, got {type(layer).__name__}")
+        raise TypeError(f"layer must be a CsrLinear, CsrConv2d, SparseLinear or SparseConv2d, got {type(layer).__name__}")
     # The layers keep their structure canonical, so torch's invariant check would only repeat ours.
     return torch.sparse_csr_tensor(row_ptr.clone(), col_idx.clone(), values.clone(), size=tuple(shape),
                                    check_invariants=False)

@@ -20,8 +20,9 @@ backend derives the mask's structure once per mask version: change a mask in pla
 the tensor itself (``mask.copy_(...)``, ``mask[...] = ...``, as the engine does), not through
 ``.data``, numpy or DLPack, whose writes its version counter does not see.
 
-The always-sparse layout of a linear layer is its own class,
-:class:`sparsemom_ext.nn.CsrLinear`; :func:`sparsemom_ext.nn.to_layout` converts.
+The always-sparse layouts are their own classes, :class:`sparsemom_ext.nn.CsrLinear` and
+:class:`sparsemom_ext.nn.CsrConv2d`; :func:`sparsemom_ext.nn.to_layout` converts (a csr
+layer's state_dict also loads into these layers, and theirs into it).
 """
 
 import math
@@ -102,6 +103,11 @@ class _MaskLayoutMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        try:
+            state_dict = self._mask_keys_from_csr_layout(state_dict, prefix)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error_msgs.append(f"invalid CSR structure for {prefix or 'the layer'}: {exc}")
+            return
         bad = non_bool_masks(state_dict, [prefix + "mask"])
         if bad:
             error_msgs.extend(bad)
@@ -118,6 +124,29 @@ class _MaskLayoutMixin:
         super().__setstate__(state)
         if "mask" in self._buffers and "weight" in self._parameters:
             self._reattach_mask()
+
+    def _mask_keys_from_csr_layout(self, state_dict, prefix: str):
+        """``state_dict`` with a csr layer's (CsrLinear's, CsrConv2d's) ``values``, ``row_ptr`` and
+        ``col_idx`` under ``prefix`` (the first ``row_ptr[-1]`` value slots used, the weight as
+        its ``(n_rows, n_cols)`` matrix) replaced by this layout's dense ``weight`` and ``mask``,
+        else ``state_dict`` itself."""
+        keys = [prefix + k for k in ("values", "row_ptr", "col_idx")]
+        if not all(k in state_dict for k in keys) or prefix + "weight" in state_dict:
+            return state_dict
+        values, row_ptr, col_idx = (state_dict[k] for k in keys)
+        if values.dim() != 1 or values.shape != col_idx.shape:
+            raise ValueError(f"values and col_idx must be 1-D with one entry per value slot, got shapes "
+                             f"{tuple(values.shape)} and {tuple(col_idx.shape)}")
+        nnz = int(row_ptr[-1]) if row_ptr.dim() == 1 and row_ptr.numel() else -1
+        if not 0 <= nnz <= col_idx.numel():
+            raise ValueError(f"row_ptr must be 1-D and end at nnz <= capacity = {col_idx.numel()}")
+        shape = self.weight.shape
+        n_rows, n_cols = shape[0], math.prod(shape[1:])
+        check_canonical_structure(row_ptr, col_idx[:nnz], n_rows, n_cols)
+        converted = {k: v for k, v in state_dict.items() if k not in keys}
+        converted[prefix + "weight"] = csr_to_dense(values[:nnz], row_ptr, col_idx[:nnz], n_cols).reshape(shape)
+        converted[prefix + "mask"] = csr_to_mask(row_ptr, col_idx[:nnz], n_cols).reshape(shape)
+        return converted
 
     @property
     def nnz(self) -> int:
@@ -308,36 +337,6 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
             raise TypeError(f"input must have the layer's dtype {self.weight.dtype}, got {input.dtype}")
         return ops.masked_linear(input, self.weight, self.bias, *self._mask_structure())
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        try:
-            state_dict = self._mask_keys_from_csr_layout(state_dict, prefix)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            error_msgs.append(f"invalid CSR structure for {prefix or 'the layer'}: {exc}")
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def _mask_keys_from_csr_layout(self, state_dict, prefix: str):
-        """``state_dict`` with a CsrLinear's ``values``, ``row_ptr`` and ``col_idx`` under
-        ``prefix`` (the first ``row_ptr[-1]`` value slots used) replaced by this layout's dense
-        ``weight`` and ``mask``, else ``state_dict`` itself."""
-        keys = [prefix + k for k in ("values", "row_ptr", "col_idx")]
-        if not all(k in state_dict for k in keys) or prefix + "weight" in state_dict:
-            return state_dict
-        values, row_ptr, col_idx = (state_dict[k] for k in keys)
-        if values.dim() != 1 or values.shape != col_idx.shape:
-            raise ValueError(f"values and col_idx must be 1-D with one entry per value slot, got shapes "
-                             f"{tuple(values.shape)} and {tuple(col_idx.shape)}")
-        nnz = int(row_ptr[-1]) if row_ptr.dim() == 1 and row_ptr.numel() else -1
-        if not 0 <= nnz <= col_idx.numel():
-            raise ValueError(f"row_ptr must be 1-D and end at nnz <= capacity = {col_idx.numel()}")
-        check_canonical_structure(row_ptr, col_idx[:nnz], self.out_features, self.in_features)
-        converted = {k: v for k, v in state_dict.items() if k not in keys}
-        converted[prefix + "weight"] = csr_to_dense(values[:nnz], row_ptr, col_idx[:nnz], self.in_features)
-        converted[prefix + "mask"] = csr_to_mask(row_ptr, col_idx[:nnz], self.in_features)
-        return converted
-
     def extra_repr(self) -> str:
         backend = f", backend={self.backend}" if self.backend != "auto" else ""
         return super().extra_repr() + backend
@@ -371,3 +370,24 @@ class SparseConv2d(_MaskLayoutMixin, nn.Conv2d):
         return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                    module.padding, module.dilation, module.groups, module.bias is not None,
                    module.padding_mode, device="meta", dtype=module.weight.dtype)
+
+    @classmethod
+    def from_weight_and_mask(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                             *, stride=1, padding=0, requires_grad: bool = True,
+                             training: bool = True) -> "SparseConv2d":
+        """A conv (dilation 1, groups 1, zero padding: what a csr conv holds) with copies of the
+        4-D ``weight`` (zeroed off ``mask``), ``mask`` and ``bias``."""
+        if weight.dim() != 4 or mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"weight must be 4-D (out_channels, in_channels, kh, kw) and mask a bool tensor of its "
+                             f"shape, got weight {tuple(weight.shape)} and mask {mask.dtype} {tuple(mask.shape)}")
+        out_channels, in_channels, kh, kw = weight.shape
+        new = cls(in_channels, out_channels, (kh, kw), stride, padding, bias=bias is not None, device="meta",
+                  dtype=weight.dtype)
+        new.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        new.mask = mask.detach().clone()
+        _zero_inactive(new.weight, new.mask)
+        attach_mask(new.weight, new.mask)
+        new.train(training)
+        return new

@@ -18,7 +18,8 @@ Usage::
 The engine is an explicit object the user steps; it patches nothing (it adds forward
 hooks to the layers whose growth signal needs their batches). Its sparse weights are the
 parameters of ``model`` that carry a mask (:func:`sparsemom_ext.attach_mask`, done by
-SparseLinear / SparseConv2d / sparsify) and the ``values`` of CsrLinear layers. At each
+SparseLinear / SparseConv2d / sparsify) and the ``values`` of csr layers (CsrLinear,
+CsrConv2d). At each
 update it prunes ``ceil(p_t * nnz_l)`` weights per layer, redistributes the freed budget
 over layers by a statistic and grows it back by a score (docs/algorithms.md), so each
 layer's count changes only by redistribution and the global count never drifts. This
@@ -34,7 +35,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..csr_structure import relayout_plan
-from ..nn.csr_layout import CsrLinear
+from ..nn.csr_layout import CsrLayer
 from .connectivity import empty_rows_of_flat, protected_active
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
 from .distributed import rank_group_of
@@ -73,12 +74,12 @@ class SparseMomentum:
     """Dynamic sparse training: prune by magnitude, redistribute, grow by momentum (or SET/RigL/GSE).
 
     Args:
-        model: a model whose sparse weights carry masks or are CsrLinear layers (see
+        model: a model whose sparse weights carry masks or are csr layers (CsrLinear, CsrConv2d; see
             :func:`sparsemom_ext.sparsify`); both layouts may be mixed.
         optimizer: the optimizer of ``model``; it must hold every sparse weight. The
             momentum signal is SGD's ``momentum_buffer`` or Adam/AdamW's
             ``exp_avg / (sqrt(exp_avg_sq) + eps)``; needed for ``growth`` or
-            ``redistribution`` ``"momentum"``. CsrLinear layers need SGD, Adam or AdamW
+            ``redistribution`` ``"momentum"``. csr layers need SGD, Adam or AdamW
             (their state is re-laid out when the topology changes).
         prune_rate: initial fraction p_0 of each layer's active weights pruned per update.
         final_prune_rate: the rate the decay ends at (0.005 as in the paper).
@@ -108,7 +109,7 @@ class SparseMomentum:
         prune: ``"magnitude"`` (smallest |w|) or ``"set"`` (closest to zero on each side of zero).
         redistribution: ``"momentum"`` (mean |momentum| over active weights; csr layout:
             the compact optimizer state), ``"magnitude"`` (mean |w|), ``"nonzeros"`` (keeps
-            layer densities) or ``"none"`` (each layer regrows what it pruned). A CsrLinear
+            layer densities) or ``"none"`` (each layer regrows what it pruned). A csr layer
             grows to at most its ``capacity``; the excess goes to the other layers.
         decay: ``"cosine"``, ``"linear"`` or ``"constant"`` prune-rate schedule.
         seed: seed of the engine's generator (random growth, candidate sampling): the same
@@ -181,8 +182,8 @@ class SparseMomentum:
                                  f"supported optimizers: {SUPPORTED}")
             self.family.check_has_momentum()
         if self.family is None and any(isinstance(w, CsrView) for w in self.weights):
-            raise ValueError(f"{type(optimizer).__name__}: the engine re-lays out the optimizer state of CsrLinear "
-                             f"layers when their topology changes and knows how for {SUPPORTED}; use one of "
+            raise ValueError(f"{type(optimizer).__name__}: the engine re-lays out the optimizer state of csr "
+                             f"layers (CsrLinear, CsrConv2d) when their topology changes and knows how for {SUPPORTED}; use one of "
                              "them, or the mask layout")
         self.generator = torch.Generator().manual_seed(seed)
         sampler = CandidateSampler(sampling, self.options.candidates, self.generator, self.ranks)
@@ -203,7 +204,7 @@ class SparseMomentum:
             accumulates = w in self._window_views
             if not (keep_last or accumulates):
                 continue
-            if not isinstance(w.module, (torch.nn.Linear, torch.nn.Conv2d, CsrLinear)):
+            if not isinstance(w.module, (torch.nn.Linear, torch.nn.Conv2d, CsrLayer)):
                 hint = "; use sampling='uniform'" if w.dense_gradient and self.options.growth == "gse" else ""
                 raise ValueError(f"growth={self.options.growth!r} with sampling={self.options.sampling!r} reads the "
                                  f"batches of {w.name!r}, which is not the weight of a Linear or Conv2d layer{hint}")
@@ -409,7 +410,7 @@ class SparseMomentum:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict:
         """Each layer's topology, counters, schedule, generator, options and open candidate
-        windows: enough for a resumed run to continue identically. CsrLinear structures
+        windows: enough for a resumed run to continue identically. csr layers' structures
         are in the model's state_dict; the engine keeps their nnz to check the load order."""
         return {
             "steps": self.steps,
@@ -424,7 +425,7 @@ class SparseMomentum:
     def load_state_dict(self, state: Dict) -> None:
         """Restore what :meth:`state_dict` saved, whole or not at all: every entry is checked
         (a ValueError naming it) before anything is written. Load the model's state_dict
-        first: CsrLinear layers take their structure from it. The saved options must be this
+        first: csr layers take their structure from it. The saved options must be this
         engine's (build it with the same arguments), and the optimizer must still fit them
         (its state_dict may have been loaded since the engine was built).
         """

@@ -298,13 +298,12 @@ class MomentumGrowth(Growth):
 
     @torch.no_grad()
     def accumulate(self, view, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """Backward hook of a csr layer: the candidates' gradient (SDDMM), summed over the
-        step's backward passes as the weights' gradients are."""
+        """Backward hook of a csr layer: the candidates' gradient (the layer's SDDMM at the
+        window's structure), summed over the step's backward passes as the weights' gradients are."""
         window = self.windows.get(view.name)
         if window is None:
             return
-        grad = ops.csr_sddmm(grad_out.reshape(-1, view.n_rows), x.reshape(-1, view.n_cols), window.row_ptr,
-                             window.col_idx)
+        grad = view.module.batch_weight_grad_at(x, grad_out, window.row_ptr, window.col_idx)
         if window.step_gradient is None:
             window.step_gradient = grad
         else:

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from ..nn.csr_layout import CsrLayer
+
 __all__ = ["SAMPLINGS", "grabo_factors", "sample_inactive"]
 
 SAMPLINGS = ("uniform", "grabo")
@@ -135,8 +137,11 @@ def grabo_factors(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tens
     |input| per input (column) of the layer's ``(n_rows, n_cols)`` weight matrix.
 
     For a conv the columns are the unfolded patch entries ``(c_in, kh, kw)`` and the sums
-    also run over spatial positions (the conv as a linear layer on unfolded patches).
+    also run over spatial positions (the conv as a linear layer on unfolded patches). A csr
+    layer computes its own (:meth:`~sparsemom_ext.nn.csr_layout.CsrLayer.grabo_factors`).
     """
+    if isinstance(module, CsrLayer):
+        return module.grabo_factors(x, grad_out)
     if isinstance(module, torch.nn.Conv2d):
         if module.groups != 1:
             raise ValueError(f"GraBo sampling needs groups=1 convolutions, got groups={module.groups}")

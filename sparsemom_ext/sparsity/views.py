@@ -12,8 +12,10 @@ what a topology update needs, the same for both layouts:
 - ``commit(plan, optimizer_state)``: install the new topology.
 
 :class:`MaskView` wraps a dense weight with an attached bool mask (SparseLinear,
-SparseConv2d, or any parameter given a mask); :class:`CsrView` a
-:class:`~sparsemom_ext.nn.CsrLinear` through its public structure API.
+SparseConv2d, or any parameter given a mask); :class:`CsrView` a csr layer
+(:class:`~sparsemom_ext.nn.CsrLinear`, :class:`~sparsemom_ext.nn.CsrConv2d`) through its
+public structure API, the batch computations included (the layer knows how its weight
+gradient is formed: an SDDMM for a linear layer, the conv's SDDMM for a conv).
 """
 
 from typing import Callable, Dict, List, Optional
@@ -22,7 +24,7 @@ import torch
 
 from .. import ops
 from ..csr_structure import Relayout, structure_from_flat
-from ..nn.csr_layout import CsrLinear
+from ..nn.csr_layout import CsrLayer
 from .masks import mask_of
 
 __all__ = ["BatchProbe", "CsrView", "MaskView", "find_views", "last_batch"]
@@ -148,13 +150,14 @@ class MaskView:
 
 
 class CsrView:
-    """A :class:`~sparsemom_ext.nn.CsrLinear`: the Parameter ``values`` and its structure."""
+    """A csr layer (:class:`~sparsemom_ext.nn.CsrLinear`, :class:`~sparsemom_ext.nn.CsrConv2d`):
+    the Parameter ``values`` and its structure, its weight the layer's ``(n_rows, n_cols)`` matrix."""
 
     dense_gradient = False
 
-    def __init__(self, name: str, module: torch.nn.Module):
+    def __init__(self, name: str, module: CsrLayer):
         self.name, self.module = name, module
-        self.n_rows, self.n_cols = module.out_features, module.in_features
+        self.n_rows, self.n_cols = module.n_rows, module.n_cols
         self.numel = self.n_rows * self.n_cols
 
     @property
@@ -188,15 +191,16 @@ class CsrView:
         return tensor[: self.module.nnz]
 
     def batch_gradient_at(self, probe, positions: torch.Tensor) -> torch.Tensor:
+        """The last batch's weight gradient at the flat ``positions`` (sorted), computed there only."""
         x, grad_out = last_batch(probe, self.name)
         row_ptr, col_idx = structure_from_flat(positions.to(x.device), self.n_rows, self.n_cols)
-        return ops.csr_sddmm(grad_out.reshape(-1, self.n_rows), x.reshape(-1, self.n_cols), row_ptr, col_idx)
+        return self.module.batch_weight_grad_at(x, grad_out, row_ptr, col_idx)
 
     def dense_batch_gradient(self, probe) -> torch.Tensor:
-        """RigL's signal: the dense ``(out, in)`` weight gradient of the probe's last batch
+        """RigL's signal: the dense ``(n_rows, n_cols)`` weight gradient of the probe's last batch
         (made on the update step only)."""
         x, grad_out = last_batch(probe, self.name)
-        return grad_out.reshape(-1, self.n_rows).t().mm(x.reshape(-1, self.n_cols))
+        return self.module.batch_dense_weight_grad(x, grad_out)
 
     def commit(self, plan: Relayout, optimizer_state: Dict, grown_state: Optional[Dict[str, torch.Tensor]]) -> None:
         """Re-lay out ``values`` and every per-weight tensor of its optimizer state by ``plan``:
@@ -214,7 +218,7 @@ class CsrView:
     def check_saved_topology(self, saved: Dict) -> None:
         nnz = saved.get("nnz") if isinstance(saved, dict) else None
         if nnz != self.count():
-            raise ValueError(f"CsrLinear {self.name!r} has {self.count()} nonzeros, the state_dict {nnz}: load the "
+            raise ValueError(f"{type(self.module).__name__} {self.name!r} has {self.count()} nonzeros, the state_dict {nnz}: load the "
                              "model's state_dict (which holds the structure) before the engine's")
 
     def load_saved_topology(self, saved: Dict) -> None:
@@ -222,9 +226,9 @@ class CsrView:
 
 
 def find_views(model, optimizer) -> List:
-    """A view of every sparse weight of ``model`` (mask-carrying parameters and CsrLinear
-    values, in ``named_parameters()`` order), checked to be held by ``optimizer``."""
-    csr_layers = {id(m.values): m for m in model.modules() if isinstance(m, CsrLinear)}
+    """A view of every sparse weight of ``model`` (mask-carrying parameters and the values of
+    csr layers, in ``named_parameters()`` order), checked to be held by ``optimizer``."""
+    csr_layers = {id(m.values): m for m in model.modules() if isinstance(m, CsrLayer)}
     owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     views = []
     for name, p in model.named_parameters():
@@ -233,7 +237,7 @@ def find_views(model, optimizer) -> List:
         elif mask_of(p) is not None:
             views.append(MaskView(name, p, mask_of(p), owners.get(id(p))))
     if not views:
-        raise ValueError("model has no sparse weights (no parameter carries a mask and no layer is a CsrLinear); "
+        raise ValueError("model has no sparse weights (no parameter carries a mask and no layer is in the csr layout); "
                          "convert it with sparsemom_ext.sparsify(model, density=...) first")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for w in views:

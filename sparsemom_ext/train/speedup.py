@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..nn import CsrLinear
+from ..nn import CsrConv2d, CsrLinear
 
 __all__ = ["LayerTiming", "estimated_speedup", "summarise", "time_layers", "time_steps", "weight_density",
            "weight_layers"]
@@ -53,8 +53,10 @@ class LayerTiming:
 
 
 def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The conv/linear layers of ``model``: torch's, the mask-layout ones (their subclasses) and CsrLinear."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, CsrLinear))]
+    """The conv/linear layers of ``model``: torch's, the mask-layout ones (their subclasses), CsrLinear and
+    CsrConv2d."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, CsrLinear, CsrConv2d))]
 
 
 def weight_density(module: nn.Module) -> float:
@@ -118,7 +120,7 @@ def time_layers(model: nn.Module, x: torch.Tensor, input_densities: Dict[str, fl
     timings = []
     for name, m in layers:
         inp = inputs[name]
-        kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+        kind = "conv" if isinstance(m, (nn.Conv2d, CsrConv2d)) else "linear"
         weight = m.dense_weight() if hasattr(m, "dense_weight") else m.weight.detach()
         if kind == "conv":
             dense = lambda m=m, inp=inp, w=weight: nn.Conv2d._conv_forward(m, inp, w, m.bias)  # noqa: E731
