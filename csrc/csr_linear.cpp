@@ -121,17 +121,6 @@ void check_transposed_structure(const at::Tensor& x, const at::Tensor& col_idx, 
   check_permutation_once(perm, "perm");
 }
 
-// The values of the structure's nonzeros: the first nnz, past which a CsrLinear
-// keeps idle slots.
-// Sizes are SymInts: under torch.compile the nnz is symbolic (it changes at every update).
-at::Tensor used_values(const at::Tensor& values, const at::Tensor& col_idx) {
-  const c10::SymInt nnz = col_idx.sym_numel();
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.sym_numel() >= nnz,
-                    "values must be 1-D with one entry per nonzero (", nnz,
-                    ") and possibly idle slots after them, got shape ", values.sym_sizes());
-  return values.sym_numel() == nnz ? values : values.narrow_symint(0, 0, nnz);
-}
-
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                       const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
                       const at::Tensor& row_idx, const at::Tensor& perm) {
@@ -182,16 +171,6 @@ std::tuple<at::Tensor, at::Tensor> csr_linear_backward(const at::Tensor& grad, c
 at::Tensor transpose_contiguous(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
   return x.t().clone(at::MemoryFormat::Contiguous);
-}
-
-// The backward kernels have no derivatives of their own: a backward that builds a graph
-// (create_graph=True: gradient penalties, Hessian-vector products) would get gradients
-// that silently miss this layer's second-order terms, so it is refused.
-void check_no_double_backward(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), op,
-              " has no double backward: its backward cannot build a graph (create_graph=True, "
-              "torch.autograd.grad of a gradient). For gradient penalties or Hessian-vector products "
-              "use SparseLinear with backend='dense'.");
 }
 
 class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
@@ -305,6 +284,27 @@ at::Tensor transpose_contiguous_autograd(const at::Tensor& x) {
 }
 
 }  // namespace
+
+// The values of the structure's nonzeros: the first nnz, past which a CsrLinear
+// keeps idle slots.
+// Sizes are SymInts: under torch.compile the nnz is symbolic (it changes at every update).
+at::Tensor used_values(const at::Tensor& values, const at::Tensor& col_idx) {
+  const c10::SymInt nnz = col_idx.sym_numel();
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.sym_numel() >= nnz,
+                    "values must be 1-D with one entry per nonzero (", nnz,
+                    ") and possibly idle slots after them, got shape ", values.sym_sizes());
+  return values.sym_numel() == nnz ? values : values.narrow_symint(0, 0, nnz);
+}
+
+// The backward kernels have no derivatives of their own: a backward that builds a graph
+// (create_graph=True: gradient penalties, Hessian-vector products) would get gradients
+// that silently miss this layer's second-order terms, so it is refused.
+void check_no_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              " has no double backward: its backward cannot build a graph (create_graph=True, "
+              "torch.autograd.grad of a gradient). For gradient penalties or Hessian-vector products "
+              "use SparseLinear with backend='dense'.");
+}
 
 at::Tensor pad_to_slots(const at::Tensor& grad_values, const c10::SymInt& slots) {
   const c10::SymInt nnz = grad_values.sym_numel();

@@ -111,6 +111,25 @@ TORCH_LIBRARY(sparsemom, m) {
   // (batch, features) row-major into the feature-major layout the CSR kernels read
   // (as .t() of the result) and back; differentiable (ops.py).
   m.def("transpose_contiguous(Tensor x) -> Tensor");
+  // Sparse convolution (ops.py has the rules): the weight is an (out, in * kh * kw)
+  // CSR matrix; activations are read and written batch innermost, (n, c, h, w) tensors
+  // stored (c, h, w, n). csr_conv2d is the differentiable op (x, values, bias), built
+  // on the three kernels below: the forward, the input gradient (walking the
+  // transposed structure, values through perm) and the weight gradient sampled at a
+  // structure's nonzeros (the conv's SDDMM, also the engine's candidate gradients).
+  m.def(
+      "csr_conv2d(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor row_idx, Tensor perm, int[2] kernel_size, int[2] stride, "
+      "int[2] padding) -> Tensor");
+  m.def(
+      "csr_conv2d_forward(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+      "int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  m.def(
+      "csr_conv2d_input_grad(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor row_idx, "
+      "Tensor perm, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  m.def(
+      "csr_conv2d_weight_grad(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
+      "int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
   m.def("build_info() -> str", &build_info);
 }

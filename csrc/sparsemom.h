@@ -110,5 +110,28 @@ inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 // CsrLinear's fixed capacity): not read, and their gradient is 0. This is
 // `grad_values` (nnz entries) as the gradient of all `slots` (csr_linear.cpp).
 at::Tensor pad_to_slots(const at::Tensor& grad_values, const c10::SymInt& slots);
+// The first nnz = col_idx.numel() entries of `values` (a csr layer keeps idle slots after them).
+at::Tensor used_values(const at::Tensor& values, const at::Tensor& col_idx);
+// Raises unless grad mode is off: the layer ops' backward kernels have no derivatives.
+void check_no_double_backward(const char* op);
+
+// The sparse convolution (csr_conv.cpp): the output length along one dimension, the
+// batch-innermost layout its kernels read ((n, c, h, w) stored (c, h, w, n)), and the
+// argument checks of its kernels.
+int64_t conv_output_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding);
+at::Tensor batch_innermost(const at::Tensor& t);
+void check_csr_conv2d_forward_args(const at::Tensor& x, const at::Tensor& values,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& row_ptr,
+                                   const at::Tensor& col_idx, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding);
+void check_csr_conv2d_input_grad_args(const at::Tensor& grad_out, const at::Tensor& values,
+                                      const at::Tensor& col_ptr, const at::Tensor& row_idx,
+                                      const at::Tensor& perm, at::IntArrayRef input_size,
+                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding);
+void check_csr_conv2d_weight_grad_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                       const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef padding);
 
 }  // namespace sparsemom

@@ -22,6 +22,9 @@ from torch import Tensor
 from .csr_structure import csr_from_mask, csr_to_dense, csr_to_mask, csr_values_from_dense  # noqa: E402,F401
 
 __all__ = [
+    "conv_output_size",
+    "csr_conv2d",
+    "csr_conv2d_weight_grad",
     "csr_from_mask",
     "csr_linear",
     "csr_sddmm",
@@ -459,3 +462,114 @@ def _csr_linear_backward_fake(grad, x, values, row_ptr, col_idx, col_ptr, row_id
     _check_slots(values, col_idx)
     return (_csr_spmm_fake(grad, col_ptr, row_idx, values.new_empty(col_idx.shape), perm, None),
             values.new_empty(values.shape))
+
+
+# --------------------------------------------------------------------------- sparse convolution
+_CONV_RULES = """
+    The conv weight is an ``(out_channels, in_channels * kh * kw)`` matrix in CSR: row
+    ``o`` is output channel ``o``, column ``(c * kh + i) * kw + j`` is input channel ``c``
+    at kernel offset ``(i, j)`` (the order of ``weight.reshape(out_channels, -1)`` of an
+    ``nn.Conv2d``). ``kernel_size``, ``stride`` and ``padding`` are pairs ``(h, w)``;
+    dilation 1, groups 1, zero padding. The kernels read and write activations *batch
+    innermost*: an ``(n, c, h, w)`` tensor whose memory is ``(c, h, w, n)`` contiguous
+    (``x.permute(1, 2, 3, 0).is_contiguous()``): each weight then adds a shifted window of
+    vectors over the batch. Results come in that layout (shape ``(n, c, h, w)``, strides
+    ``(1, h * w * n, w * n, n)``), so stacked sparse convs (through elementwise ops) copy
+    nothing; inputs in any other layout are copied into it once. float32 and float64 on
+    the CPU; CUDA tensors raise (there are no CUDA kernels yet).
+"""
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """The output length of a convolution along one dimension (dilation 1)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _conv_pair(value, name: str):
+    """``value`` (an int or a pair of ints) as a pair; ValueError naming ``name`` otherwise (the
+    op checks the ranges)."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def csr_conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
+               col_ptr: Tensor, row_idx: Tensor, perm: Tensor, kernel_size, stride=1, padding=0) -> Tensor:
+    """``conv2d(x, W, bias, stride, padding)`` for ``W`` in CSR, with autograd for ``x``,
+    ``values`` and ``bias``: ``(n, out_channels, oh, ow)``, batch innermost in memory.
+
+    ``(col_ptr, row_idx, perm)`` is ``csr_transpose(row_ptr, col_idx, in_channels * kh * kw)``:
+    the gradient of ``x`` walks it. ``values`` may have idle slots past the structure's nnz
+    (a :class:`~sparsemom_ext.nn.CsrConv2d`'s fixed capacity): not read, gradient 0. The
+    gradient of ``values`` is :func:`csr_conv2d_weight_grad` at the nonzeros; the gradient of
+    ``x`` comes back in ``x``'s layout (contiguous for a contiguous ``x``). Under
+    ``torch.autocast`` the op runs in float32 (float16/bfloat16 operands are cast up), the
+    precision of its kernels. There is no double backward.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        x, values, bias = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+                           for t in (x, values, bias))
+    return torch.ops.sparsemom.csr_conv2d(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm,
+                                          _conv_pair(kernel_size, "kernel_size"), _conv_pair(stride, "stride"),
+                                          _conv_pair(padding, "padding"))
+
+
+def csr_conv2d_weight_grad(grad_out: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, kernel_size,
+                           stride=1, padding=0) -> Tensor:
+    """The weight gradient of ``y = conv2d(x, W)`` at the structure's positions: ``(nnz,)``.
+
+    ``out[k] = sum over n, oy, ox of grad_out[n, row(k), oy, ox] * x[n, c, oy * sh - ph + i,
+    ox * sw - pw + j]`` for nonzero ``k`` at column ``(c, i, j)``: the conv's SDDMM, what the
+    engine samples candidate gradients with; nothing of the dense weight's size is formed.
+    ``row_ptr`` has ``out_channels + 1`` entries, ``grad_out`` is ``(n, out_channels, oh,
+    ow)``. No autograd: ``ValueError`` when ``grad_out`` or ``x`` requires grad.
+    """
+    _check_no_grad_wanted("csr_conv2d_weight_grad", grad_out=grad_out, x=x)
+    return torch.ops.sparsemom.csr_conv2d_weight_grad(grad_out, x, row_ptr, col_idx,
+                                                      _conv_pair(kernel_size, "kernel_size"),
+                                                      _conv_pair(stride, "stride"), _conv_pair(padding, "padding"))
+
+
+for _fn in (csr_conv2d, csr_conv2d_weight_grad):
+    _fn.__doc__ += _CONV_RULES
+
+
+def _batch_innermost_empty(like: Tensor, n: int, c: int, h: int, w: int) -> Tensor:
+    return like.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
+
+
+def _conv_fake_output(x, row_ptr, kernel_size, stride, padding):
+    torch._check(x.dim() == 4, lambda: f"x must be 4-D (n, c, h, w), got shape {tuple(x.shape)}")
+    oh, ow = (conv_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d]) for d in range(2))
+    return _batch_innermost_empty(x, x.shape[0], row_ptr.shape[0] - 1, oh, ow)
+
+
+@torch.library.register_fake("sparsemom::csr_conv2d")
+def _csr_conv2d_fake(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm, kernel_size, stride, padding):
+    _csr_fake_checks(row_ptr, col_idx)
+    _check_slots(values, col_idx)
+    return _conv_fake_output(x, row_ptr, kernel_size, stride, padding)
+
+
+@torch.library.register_fake("sparsemom::csr_conv2d_forward")
+def _csr_conv2d_forward_fake(x, values, bias, row_ptr, col_idx, kernel_size, stride, padding):
+    _csr_fake_checks(row_ptr, col_idx)
+    _check_slots(values, col_idx)
+    return _conv_fake_output(x, row_ptr, kernel_size, stride, padding)
+
+
+@torch.library.register_fake("sparsemom::csr_conv2d_input_grad")
+def _csr_conv2d_input_grad_fake(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size, stride,
+                                padding):
+    _csr_fake_checks(col_ptr, row_idx)
+    torch._check(grad_out.dim() == 4, lambda: f"grad_out must be 4-D, got shape {tuple(grad_out.shape)}")
+    channels = (col_ptr.shape[0] - 1) // (kernel_size[0] * kernel_size[1])
+    return _batch_innermost_empty(grad_out, grad_out.shape[0], channels, input_size[0], input_size[1])
+
+
+@torch.library.register_fake("sparsemom::csr_conv2d_weight_grad")
+def _csr_conv2d_weight_grad_fake(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding):
+    _csr_fake_checks(row_ptr, col_idx)
+    torch._check(grad_out.dim() == 4 and x.dim() == 4, lambda: "grad_out and x must be 4-D (n, c, h, w)")
+    return x.new_empty(col_idx.shape)

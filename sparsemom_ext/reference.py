@@ -234,3 +234,32 @@ def csr_linear_backward(grad: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor
     grad_values = torch.zeros_like(values)
     grad_values[:nnz] = csr_sddmm(grad, x, row_ptr, col_idx)
     return grad_x, grad_values
+
+
+# --------------------------------------------------------------------------- sparse convolution
+def _csr_conv_weight(values: Tensor, row_ptr: Tensor, col_idx: Tensor, in_channels: int, kernel_size) -> Tensor:
+    """The dense ``(out, in, kh, kw)`` weight of a csr conv (columns: ``(c_in, kh, kw)`` row-major)."""
+    kh, kw = kernel_size
+    n_cols = in_channels * kh * kw
+    rows = _row_of_each_nonzero(row_ptr)
+    weight = torch.zeros(row_ptr.numel() - 1, n_cols, dtype=values.dtype, device=values.device)
+    weight = weight.index_put((rows, col_idx.long()), values[: col_idx.numel()], accumulate=True)
+    return weight.reshape(-1, in_channels, kh, kw)
+
+
+def csr_conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor, col_idx: Tensor,
+               col_ptr: Tensor, row_idx: Tensor, perm: Tensor, kernel_size, stride=(1, 1), padding=(0, 0)) -> Tensor:
+    """``F.conv2d`` with the dense weight of the structure; differentiable in x, values (idle
+    slots past nnz get gradient 0) and bias (plain torch autograd)."""
+    weight = _csr_conv_weight(values, row_ptr, col_idx, x.shape[1], kernel_size)
+    return torch.nn.functional.conv2d(x, weight, bias, tuple(stride), tuple(padding))
+
+
+def csr_conv2d_weight_grad(grad_out: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, kernel_size,
+                           stride=(1, 1), padding=(0, 0)) -> Tensor:
+    """The dense weight gradient of ``conv2d(x, W)`` for output gradient ``grad_out``, at the
+    structure's nonzeros (in opmath, returned in ``x``'s dtype)."""
+    kh, kw = kernel_size
+    shape = (row_ptr.numel() - 1, x.shape[1], kh, kw)
+    dense = torch.nn.grad.conv2d_weight(_opmath(x), shape, _opmath(grad_out), tuple(stride), tuple(padding))
+    return dense.reshape(shape[0], -1)[_row_of_each_nonzero(row_ptr), col_idx.long()].to(x.dtype)

@@ -1,0 +1,292 @@
+// CPU kernels of the sparse convolution ops (csr_conv2d_forward,
+// csr_conv2d_input_grad, csr_conv2d_weight_grad): direct sparse convolution, each
+// nonzero adding a shifted window of the batch-innermost input into its output
+// channel (csr_conv_kernels.inc), float32 through the ISA dispatch of the linear
+// kernels (bit-identical across ISAs), float64 through the same body on a 16-lane
+// double vector. The arguments are checked (csr_conv.cpp) before anything is
+// allocated; the structure's content is checked here, on the host, in the pass that
+// decodes it.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../inline_bits.h"
+#include "../sparsemom.h"
+#include "cpu_isa.h"
+#include "vec16.h"
+
+namespace sparsemom {
+namespace {
+
+// One nonzero of the CSR weight, decoded: its input channel and kernel offset as
+// the pixel offset (c * H + kh) * W + kw of the input, and the offset itself.
+struct ConvTap {
+  int64_t offset;
+  int32_t kh, kw;
+};
+
+struct ConvGeometry {
+  int64_t batch, in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w;
+};
+
+template <typename T>
+struct ConvForwardArgs {
+  const int32_t* row_ptr;
+  const ConvTap* taps;
+  const T* values;  // CSR order
+  const T* bias;    // nullptr: no bias
+  const T* x;       // (C, H, W, N) contiguous
+  T* y;             // (O, OH, OW, N) contiguous
+  ConvGeometry g;
+};
+
+template <typename T>
+struct ConvInputGradArgs {
+  const int32_t* col_ptr;  // (C * KH * KW + 1)
+  const int32_t* row_idx;  // (nnz,) output channel of each CSC entry
+  const int32_t* perm;     // CSC position -> CSR position
+  const T* values;         // CSR order
+  const T* grad_out;       // (O, OH, OW, N) contiguous
+  T* grad_x;               // (C, H, W, N) contiguous
+  ConvGeometry g;
+};
+
+template <typename T>
+struct ConvWeightGradArgs {
+  const int32_t* row_ptr;
+  const ConvTap* taps;
+  const T* grad_out;  // (O, OH, OW, N) contiguous
+  const T* x;         // (C, H, W, N) contiguous
+  T* out;             // (nnz,)
+  ConvGeometry g;
+};
+
+// Batch entries per register tile: 8 vectors (128 floats per pixel).
+constexpr int kConvTileVectors = 8;
+
+SPARSEMOM_FORCE_INLINE int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && (a < 0)); }
+SPARSEMOM_FORCE_INLINE int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// 16 float64 lanes with the per-lane arithmetic and reduction tree of the float vectors.
+namespace isa_default_f64 {
+struct V {
+  using Scalar = double;
+  double lane[16];
+  static SPARSEMOM_FORCE_INLINE V zero() { return broadcast(0.0); }
+  static SPARSEMOM_FORCE_INLINE V broadcast(double x) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = x;
+    return r;
+  }
+  static SPARSEMOM_FORCE_INLINE V load(const double* p) { return load_partial(p, 16); }
+  static SPARSEMOM_FORCE_INLINE V load_partial(const double* p, int n) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = i < n ? p[i] : 0.0;
+    return r;
+  }
+  SPARSEMOM_FORCE_INLINE void store(double* p) const { store_partial(p, 16); }
+  SPARSEMOM_FORCE_INLINE void store_partial(double* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = lane[i];
+  }
+  static SPARSEMOM_FORCE_INLINE V fma(const V& a, const V& b, const V& c) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
+    return r;
+  }
+  SPARSEMOM_FORCE_INLINE double reduce() const {
+    double s[8];
+    for (int i = 0; i < 8; ++i) s[i] = lane[i] + lane[i + 8];
+    for (int i = 0; i < 4; ++i) s[i] = s[i] + s[i + 4];
+    for (int i = 0; i < 2; ++i) s[i] = s[i] + s[i + 2];
+    return s[0] + s[1];
+  }
+};
+#include "csr_conv_kernels.inc"
+}  // namespace isa_default_f64
+
+namespace isa_default {
+using V = vec16::isa_default::V;
+#include "csr_conv_kernels.inc"
+}  // namespace isa_default
+
+#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
+SPARSEMOM_BEGIN_TARGET("avx2,fma")
+namespace isa_avx2 {
+using V = vec16::isa_avx2::V;
+#include "csr_conv_kernels.inc"
+}  // namespace isa_avx2
+SPARSEMOM_END_TARGET
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+SPARSEMOM_BEGIN_TARGET("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace isa_avx512 {
+using V = vec16::isa_avx512::V;
+#include "csr_conv_kernels.inc"
+}  // namespace isa_avx512
+SPARSEMOM_END_TARGET
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif  // SPARSEMOM_HAVE_X86_ISA_VARIANTS
+
+// The kernel variant for T: float32 by the active ISA, float64 the one body.
+template <typename Args>
+using ItemsFn = void (*)(const Args&, int64_t, int64_t);
+
+#if SPARSEMOM_HAVE_X86_ISA_VARIANTS
+#define SPARSEMOM_CONV_PICK(name)                                                                     \
+  template <typename T>                                                                               \
+  auto pick_##name() {                                                                                \
+    if constexpr (std::is_same_v<T, double>) {                                                        \
+      return &isa_default_f64::name;                                                                  \
+    } else {                                                                                          \
+      return cpu::pick_for_active_isa(&isa_avx512::name, &isa_avx2::name, &isa_default::name);        \
+    }                                                                                                 \
+  }
+#else
+#define SPARSEMOM_CONV_PICK(name)                               \
+  template <typename T>                                         \
+  auto pick_##name() {                                          \
+    if constexpr (std::is_same_v<T, double>) {                  \
+      return &isa_default_f64::name;                            \
+    } else {                                                    \
+      return &isa_default::name;                                \
+    }                                                           \
+  }
+#endif
+SPARSEMOM_CONV_PICK(conv_forward_items)
+SPARSEMOM_CONV_PICK(conv_input_grad_items)
+SPARSEMOM_CONV_PICK(conv_weight_grad_items)
+#undef SPARSEMOM_CONV_PICK
+
+// Items per task: the items differ in cost (rows of different nnz), so more tasks
+// than threads.
+int64_t item_grain(int64_t items) {
+  return std::max<int64_t>(1, items / (8 * std::max(1, at::get_num_threads())));
+}
+
+// `t` (n, c, h, w) as the (c, h, w, n) contiguous tensor the kernels read.
+at::Tensor channels_first_batch_last(const at::Tensor& t) { return batch_innermost(t).permute({1, 2, 3, 0}); }
+
+ConvGeometry geometry(int64_t batch, int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size,
+                      at::IntArrayRef stride, at::IntArrayRef padding) {
+  return {batch,
+          in_h,
+          in_w,
+          conv_output_size(in_h, kernel_size[0], stride[0], padding[0]),
+          conv_output_size(in_w, kernel_size[1], stride[1], padding[1]),
+          kernel_size[0],
+          kernel_size[1],
+          stride[0],
+          stride[1],
+          padding[0],
+          padding[1]};
+}
+
+// The nonzeros of (row_ptr, col_idx) decoded for input planes of h x w, after
+// checking row_ptr and that every column is in [0, channels * kh * kw).
+std::vector<ConvTap> decode_taps(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t channels,
+                                 int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size) {
+  const int64_t nnz = col_idx.numel(), n_rows = row_ptr.numel() - 1;
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], n_cols = channels * kh * kw;
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_rows, nnz);
+  check_csr_col_idx_host(ci.data_ptr<int32_t>(), nnz, n_cols, "col_idx", "in_channels * kh * kw");
+  std::vector<ConvTap> taps(static_cast<size_t>(nnz));
+  const int32_t* cols = ci.data_ptr<int32_t>();
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t col = cols[k], c = col / (kh * kw), i = (col / kw) % kh, j = col % kw;
+    taps[k] = {(c * in_h + i) * in_w + j, static_cast<int32_t>(i), static_cast<int32_t>(j)};
+  }
+  return taps;
+}
+
+at::Tensor csr_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& values,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& row_ptr,
+                                  const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding) {
+  check_csr_conv2d_forward_args(x, values, bias, row_ptr, col_idx, kernel_size, stride, padding);
+  const int64_t n = x.size(0), channels = x.size(1), out_channels = row_ptr.numel() - 1;
+  const ConvGeometry g = geometry(n, x.size(2), x.size(3), kernel_size, stride, padding);
+  at::Tensor y = at::empty({out_channels, g.out_h, g.out_w, n}, x.options());
+  const std::vector<ConvTap> taps = decode_taps(row_ptr, col_idx, channels, g.in_h, g.in_w, kernel_size);
+  if (y.numel() == 0) return y.permute({3, 0, 1, 2});
+  const at::Tensor xb = channels_first_batch_last(x), v = values.contiguous(), rp = row_ptr.contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_conv2d_forward", [&] {
+    const ConvForwardArgs<scalar_t> a{rp.data_ptr<int32_t>(), taps.data(), v.data_ptr<scalar_t>(),
+                                      data_or_null<scalar_t>(b), xb.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g};
+    const auto fn = pick_conv_forward_items<scalar_t>();
+    const int64_t items = out_channels * g.out_h;
+    at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  });
+  return y.permute({3, 0, 1, 2});
+}
+
+at::Tensor csr_conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
+                                     const at::Tensor& row_idx, const at::Tensor& perm, at::IntArrayRef input_size,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_csr_conv2d_input_grad_args(grad_out, values, col_ptr, row_idx, perm, input_size, kernel_size, stride,
+                                   padding);
+  const int64_t n = grad_out.size(0), out_channels = grad_out.size(1);
+  const int64_t channels = (col_ptr.numel() - 1) / (kernel_size[0] * kernel_size[1]);
+  const ConvGeometry g = geometry(n, input_size[0], input_size[1], kernel_size, stride, padding);
+  const int64_t nnz = row_idx.numel();
+  const at::Tensor cp = col_ptr.contiguous(), ri = row_idx.contiguous();
+  check_csr_row_ptr_host(cp.data_ptr<int32_t>(), col_ptr.numel() - 1, nnz, "col_ptr");
+  check_csr_col_idx_host(ri.data_ptr<int32_t>(), nnz, out_channels, "row_idx", "out_channels");
+  check_permutation_once(perm, "perm");
+  at::Tensor grad_x = at::empty({channels, g.in_h, g.in_w, n}, grad_out.options());
+  if (grad_x.numel() == 0) return grad_x.permute({3, 0, 1, 2});
+  const at::Tensor gb = channels_first_batch_last(grad_out), v = values.contiguous(), pm = perm.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "csr_conv2d_input_grad", [&] {
+    const ConvInputGradArgs<scalar_t> a{cp.data_ptr<int32_t>(), ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(),
+                                        v.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                                        g};
+    const auto fn = pick_conv_input_grad_items<scalar_t>();
+    const int64_t items = channels * g.in_h;
+    at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  });
+  return grad_x.permute({3, 0, 1, 2});
+}
+
+at::Tensor csr_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
+                                      const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding) {
+  check_csr_conv2d_weight_grad_args(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding);
+  const int64_t n = x.size(0), channels = x.size(1), out_channels = row_ptr.numel() - 1;
+  const ConvGeometry g = geometry(n, x.size(2), x.size(3), kernel_size, stride, padding);
+  const std::vector<ConvTap> taps = decode_taps(row_ptr, col_idx, channels, g.in_h, g.in_w, kernel_size);
+  if (n == 0 || g.out_h * g.out_w == 0) return at::zeros({col_idx.numel()}, x.options());
+  at::Tensor out = at::empty({col_idx.numel()}, x.options());
+  const at::Tensor gb = channels_first_batch_last(grad_out), xb = channels_first_batch_last(x);
+  const at::Tensor rp = row_ptr.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_conv2d_weight_grad", [&] {
+    const ConvWeightGradArgs<scalar_t> a{rp.data_ptr<int32_t>(), taps.data(), gb.data_ptr<scalar_t>(),
+                                         xb.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g};
+    const auto fn = pick_conv_weight_grad_items<scalar_t>();
+    at::parallel_for(0, out_channels, item_grain(out_channels), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsemom, CPU, m) {
+  m.impl("csr_conv2d_forward", &csr_conv2d_forward_cpu);
+  m.impl("csr_conv2d_input_grad", &csr_conv2d_input_grad_cpu);
+  m.impl("csr_conv2d_weight_grad", &csr_conv2d_weight_grad_cpu);
+}
+
+}  // namespace sparsemom
