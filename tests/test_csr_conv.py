@@ -154,7 +154,8 @@ def op_samples():
                                   layer.bias.detach().clone().requires_grad_(), row_ptr, col_idx, col_ptr, row_idx,
                                   perm, *geometry)),
         (ops.csr_conv2d.default, (x, values, None, row_ptr, col_idx, col_ptr, row_idx, perm, *geometry)),
-        (ops.csr_conv2d_forward.default, (x, values, layer.bias.detach(), row_ptr, col_idx, *geometry)),
+        (ops.csr_conv2d_forward.default, (x, values[: layer.nnz], layer.bias.detach(), row_ptr, col_idx,
+                                          *geometry)),  # the kernel: exactly nnz values
         (ops.csr_conv2d_input_grad.default, (grad_out, values, col_ptr, row_idx, perm, [7, 6], *geometry)),
         (ops.csr_conv2d_weight_grad.default, (grad_out, x, row_ptr, col_idx, *geometry)),
     ]
