@@ -22,7 +22,7 @@ from torch.nn import functional as F
 import sparsemom_ext as sm
 from sparsemom_ext import SparseMomentum, reference
 from sparsemom_ext.nn import CsrConv2d, CsrLinear, SparseConv2d, density_report, sparsify, to_layout
-from sparsemom_ext.train import cli, models
+from sparsemom_ext.train import cli, loop, models
 
 from conftest import DEVICES, check_structure, rows_without_input, run_opcheck, seeded
 from test_growth import peak_allocation
@@ -548,3 +548,16 @@ def test_training_command_runs_lenet5_in_the_csr_layout(tmp_path, capsys):
     layers = {layer["name"]: layer for layer in results["speedup"]["layers"]}
     assert layers["conv1"]["kind"] == "conv" and layers["conv2"]["shape"] == [50, 20, 5, 5]
     assert "layout csr" in capsys.readouterr().out
+
+
+def test_training_command_refuses_csr_convs_off_the_cpu_before_training():
+    # --device cuda needs CUDA to get this far; the check itself looks at the device only.
+    run = loop.Run.__new__(loop.Run)
+    run.args = cli.build_parser().parse_args(["--model", "lenet5", "--layout", "csr", "--density", "0.1"])
+    run.data = type("Data", (), {"in_shape": (1, 28, 28), "num_classes": 10})()
+    run.device = torch.device("meta")
+    with pytest.raises(cli.ConfigError, match="--layout csr --device meta: the csr convolutions of lenet5 "
+                                              r"\(conv1, conv2\) run on the CPU only; use --layout mask"):
+        run.build_model(dense=False)
+    run.args = cli.build_parser().parse_args(["--model", "lenet300", "--layout", "csr", "--density", "0.1"])
+    assert isinstance(run.build_model(dense=False).fc1, CsrLinear)  # no conv: nothing refused

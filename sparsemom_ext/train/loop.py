@@ -215,6 +215,11 @@ class Run:
                 raise ConfigError(f"cannot sparsify {args.model} with --density {args.density} "
                                   f"--distribution {args.distribution} --layout {args.layout} "
                                   f"--connectivity {args.connectivity}: {exc}") from exc
+            convs = [name for name, m in model.named_modules() if isinstance(m, sm.CsrConv2d)]
+            if convs and self.device.type != "cpu":
+                raise ConfigError(f"--layout csr --device {self.device.type}: the csr convolutions of {args.model} "
+                                  f"({', '.join(convs[:3])}{', ...' if len(convs) > 3 else ''}) run on the CPU only; "
+                                  "use --layout mask on the GPU")
         return model.to(self.device)
 
     def layer_densities(self) -> Dict[str, float]:
