@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 import sparsemom_ext as sm
 from sparsemom_ext import SparseMomentum, reference
+from sparsemom_ext.csr_structure import structure_from_flat
 from sparsemom_ext.nn import CsrConv2d, CsrLinear, SparseConv2d, density_report, sparsify, to_layout
 from sparsemom_ext.train import cli, loop, models
 
@@ -183,6 +184,29 @@ def test_ops_equal_reference(shape, dtype):
         want = reference.csr_conv2d_weight_grad(g, x, layer.row_ptr, col_idx, *geometry)
         assert got.shape == (layer.nnz,)
         torch.testing.assert_close(got, want, **tol(dtype))
+
+
+@pytest.mark.parametrize("shape", ["3x3-pad1", "3x3-stride2", "non-square"])
+def test_the_layers_batch_computations_for_growth(shape):
+    """What the engine asks a csr conv for: the batch weight gradient at given positions, the
+    dense one (RigL), GraBo's factors; against autograd of the dense conv and a full unfold."""
+    in_ch, out_ch, kernel, stride, padding, (h, w), batch, density = SHAPES[shape]
+    mask_layer, layer = pair_of_layers(in_ch, out_ch, kernel, stride, padding, density)
+    x = torch.randn(batch, in_ch, h, w, generator=seeded(7), dtype=torch.float64)
+    weight = mask_layer.weight.detach().clone().requires_grad_()
+    y = F.conv2d(x, weight, None, mask_layer.stride, mask_layer.padding)
+    grad_out = torch.randn(y.shape, generator=seeded(8), dtype=torch.float64)
+    y.backward(grad_out)
+    dense = weight.grad.reshape(layer.n_rows, layer.n_cols)
+    torch.testing.assert_close(layer.batch_dense_weight_grad(x, grad_out), dense)
+    positions = torch.randperm(dense.numel(), generator=seeded(9))[: dense.numel() // 3].sort().values
+    row_ptr, col_idx = structure_from_flat(positions, layer.n_rows, layer.n_cols)
+    torch.testing.assert_close(layer.batch_weight_grad_at(x, grad_out, row_ptr, col_idx), dense.reshape(-1)[positions])
+    rows, cols = layer.grabo_factors(x, grad_out)
+    patches = F.unfold(x.abs(), layer.kernel_size, 1, layer.padding, layer.stride)  # the whole batch, unfolded
+    torch.testing.assert_close(cols, patches.sum((0, 2)))
+    torch.testing.assert_close(rows, grad_out.abs().sum((0, 2, 3)))
+    assert cols.shape == (layer.n_cols,) and rows.shape == (layer.n_rows,)
 
 
 # ---------------------------------------------------------------- bad configurations and inputs
