@@ -65,6 +65,17 @@ at::Tensor call_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, con
   return op.call(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding);
 }
 
+at::Tensor call_csr_conv2d(const at::Tensor& x, const at::Tensor& values, const OptionalTensor& bias,
+                           const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                           const at::Tensor& row_idx, const at::Tensor& perm, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                         at::IntArrayRef, at::IntArrayRef)>("sparsemom::csr_conv2d");
+  return op.call(x, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm, kernel_size, stride, padding);
+}
+
 void check_pair(at::IntArrayRef pair, const char* name, int64_t minimum) {
   TORCH_CHECK_VALUE(pair.size() == 2 && pair[0] >= minimum && pair[1] >= minimum, name,
                     " must be a pair of ints >= ", minimum, ", got ", pair);
@@ -246,8 +257,8 @@ class CsrConv2dFunction : public torch::autograd::Function<CsrConv2dFunction> {
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->save_for_backward({xb, values, row_ptr, col_idx, col_ptr, row_idx, perm});
-    check_transposed_conv_structure(xb, col_idx, col_ptr, row_idx, perm, kernel_size);
-    return call_forward(xb, used_values(values, col_idx), bias, row_ptr, col_idx, kernel_size, stride, padding);
+    // The op below autograd checks the arguments: its kernel, or under tracing its fake.
+    return call_csr_conv2d(xb, values, bias, row_ptr, col_idx, col_ptr, row_idx, perm, kernel_size, stride, padding);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

@@ -22,6 +22,7 @@ from torch import Tensor
 from .csr_structure import csr_from_mask, csr_to_dense, csr_to_mask, csr_values_from_dense  # noqa: E402,F401
 
 __all__ = [
+    "contiguous_from_batch_innermost",
     "conv_output_size",
     "csr_conv2d",
     "csr_conv2d_weight_grad",
@@ -533,6 +534,20 @@ def csr_conv2d_weight_grad(grad_out: Tensor, x: Tensor, row_ptr: Tensor, col_idx
 
 for _fn in (csr_conv2d, csr_conv2d_weight_grad):
     _fn.__doc__ += _CONV_RULES
+
+
+def contiguous_from_batch_innermost(y: Tensor) -> Tensor:
+    """A batch-innermost ``(n, c, h, w)`` tensor (a csr conv's output) as a contiguous one,
+    differentiably: one blocked transpose of its ``(c * h * w, n)`` view, whose backward
+    hands the gradient back batch innermost (what the conv's backward reads). Other
+    tensors are returned as they are when contiguous, else made contiguous."""
+    if y.is_contiguous() or y.numel() == 0:
+        return y.contiguous()
+    n, c, h, w = y.shape
+    columns = y.permute(1, 2, 3, 0)
+    if not columns.is_contiguous():
+        return y.contiguous()
+    return torch.ops.sparsemom.transpose_contiguous(columns.reshape(c * h * w, n)).view(n, c, h, w)
 
 
 def _batch_innermost_empty(like: Tensor, n: int, c: int, h: int, w: int) -> Tensor:

@@ -101,15 +101,38 @@ def test_forward_and_gradients_equal_the_masked_dense_conv(shape, dtype):
     torch.testing.assert_close(csr_layer.bias.grad, mask_layer.bias.grad, **tol(dtype))
 
 
-def test_output_is_batch_innermost_and_flatten_reads_it_right():
+def test_output_layouts_and_flatten_reads_both_right():
     _, layer = pair_of_layers(3, 4, 3, 1, 1, 0.5, dtype=torch.float32)
     x = torch.randn(5, 3, 6, 6, generator=seeded(1))
     y = layer(x)
-    assert y.shape == (5, 4, 6, 6) and y.permute(1, 2, 3, 0).is_contiguous()
-    torch.testing.assert_close(torch.flatten(y, 1), y.contiguous().reshape(5, -1))
+    assert layer.output_layout == "contiguous" and y.shape == (5, 4, 6, 6) and y.is_contiguous()
+    assert y.view(5, -1).shape == (5, 144), "a user's .view works on the default output"
+    layer.output_layout = "batch_innermost"
+    inner = layer(x)
+    assert inner.permute(1, 2, 3, 0).is_contiguous()
+    torch.testing.assert_close(inner, y, rtol=0, atol=0)
+    torch.testing.assert_close(torch.flatten(inner, 1), y.reshape(5, -1))
     # A channels-last or sliced input is read as it is.
     torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), y)
     torch.testing.assert_close(layer(torch.cat([x, x], 3)[..., :6]), y)
+    with pytest.raises(ValueError, match="output_layout"):
+        layer.output_layout = "channels_last"
+    assert layer.output_layout == "batch_innermost"
+
+
+@pytest.mark.parametrize("output_layout", ["contiguous", "batch_innermost"])
+def test_gradients_are_the_same_in_both_output_layouts(output_layout):
+    mask_layer, layer = pair_of_layers(3, 5, 3, 2, 1, 0.4, dtype=torch.float64)
+    layer.output_layout = output_layout
+    x = torch.randn(4, 3, 7, 7, generator=seeded(2), dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = layer(x), mask_layer(x_ref)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(ref.shape, generator=seeded(3), dtype=torch.float64)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.values.grad[: layer.nnz], mask_layer.weight.grad[mask_layer.mask])
 
 
 def test_bias_free_and_stacked_layers():
