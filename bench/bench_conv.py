@@ -364,6 +364,9 @@ def csr_impl(conv, mask, weight, nchw_input=False):
         layer = cls(conv.cin, conv.cout, conv.k, stride=conv.s, padding=conv.p, bias=False,
                     density=float(mask.float().mean()))
         info["structure"] = "its own (same nnz)"
+    # Between stacked csr convs activations stay batch innermost; fed from dense layers
+    # (nchw_input), the layer makes its output contiguous, its default.
+    layer.output_layout = "contiguous" if nchw_input else "batch_innermost"
     if int(layer.nnz) != int(mask.sum()):
         raise RuntimeError(f"CsrConv2d has {layer.nnz} active weights, the problem {int(mask.sum())}")
     own_mask = layer.mask.reshape(mask.shape).bool()

@@ -9,6 +9,7 @@
 // 128 x 4096 -> 4096 layer at 90% sparsity on a GPU.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -293,7 +294,9 @@ at::Tensor used_values(const at::Tensor& values, const at::Tensor& col_idx) {
   TORCH_CHECK_VALUE(values.dim() == 1 && values.sym_numel() >= nnz,
                     "values must be 1-D with one entry per nonzero (", nnz,
                     ") and possibly idle slots after them, got shape ", values.sym_sizes());
-  return values.sym_numel() == nnz ? values : values.narrow_symint(0, 0, nnz);
+  // Narrowed even when there are no idle slots: under torch.compile a test of
+  // nnz == capacity would be a guard, and a layer that fills its capacity would recompile.
+  return values.narrow_symint(0, 0, nnz);
 }
 
 // The backward kernels have no derivatives of their own: a backward that builds a graph
@@ -307,11 +310,11 @@ void check_no_double_backward(const char* op) {
 }
 
 at::Tensor pad_to_slots(const at::Tensor& grad_values, const c10::SymInt& slots) {
-  const c10::SymInt nnz = grad_values.sym_numel();
-  if (slots == nnz) return grad_values;
-  at::Tensor out = at::empty_symint({slots}, grad_values.options());
-  out.narrow_symint(0, 0, nnz).copy_(grad_values);
-  out.narrow_symint(0, nnz, slots - nnz).zero_();
+  // Always a new tensor, for the reason used_values always narrows; zeroed whole rather
+  // than past nnz, because a tensor of the symbolic size slots - nnz would be assumed to
+  // hold at least 2 entries (a guard: a layer within one slot of its capacity recompiled).
+  at::Tensor out = at::zeros_symint({slots}, grad_values.options());
+  out.narrow_symint(0, 0, grad_values.sym_numel()).copy_(grad_values);
   return out;
 }
 
