@@ -608,3 +608,26 @@ def test_training_command_refuses_csr_convs_off_the_cpu_before_training():
         run.build_model(dense=False)
     run.args = cli.build_parser().parse_args(["--model", "lenet300", "--layout", "csr", "--density", "0.1"])
     assert isinstance(run.build_model(dense=False).fc1, CsrLinear)  # no conv: nothing refused
+
+
+def test_conv_kernels_give_the_same_bits_on_one_and_two_threads():
+    g = seeded(11)
+    mask = torch.rand(24, 40 * 9, generator=g) < 0.2
+    row_ptr, col_idx = sm.ops.csr_from_mask(mask)
+    transposed = sm.ops.csr_transpose(row_ptr, col_idx, 40 * 9)
+    values = torch.randn(col_idx.numel(), generator=g)
+    x = torch.randn(37, 40, 10, 10, generator=g)
+    grad = torch.randn(37, 24, 5, 5, generator=g)
+    geometry = ((3, 3), (2, 2), (1, 1))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs.append((sm.ops.csr_conv2d(x, values, None, row_ptr, col_idx, *transposed, *geometry),
+                         torch.ops.sparsemom.csr_conv2d_input_grad(grad, values, *transposed, [10, 10], *geometry),
+                         sm.ops.csr_conv2d_weight_grad(grad, x, row_ptr, col_idx, *geometry)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)

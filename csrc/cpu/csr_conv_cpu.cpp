@@ -37,15 +37,23 @@ struct ConvGeometry {
   int64_t in_channels, out_channels, batch, in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w;
 };
 
+// Cache blocking: rows (output channels) per item and input channels per chunk.
+struct ConvBlock {
+  int64_t rows, channels;
+  int64_t band = 0;  // the weight gradient's output rows per band
+};
+constexpr int64_t kConvMaxBlockRows = 256;
+
 template <typename T>
 struct ConvForwardArgs {
-  const int32_t* row_ptr;
-  const ConvTap* taps;  // each row's grouped by kernel offset
+  const int32_t* chunk_ptr;  // (O, chunks + 1): where each row's taps of each channel chunk start
+  const ConvTap* taps;       // each row's sorted by (chunk, kernel offset, channel)
   const T* values;  // CSR order (a tap's value is values[tap.index])
   const T* bias;    // nullptr: no bias
   const T* x;       // (C, H, W, N) contiguous
   T* y;             // (O, OH, OW, N) contiguous
   ConvGeometry g;
+  ConvBlock block;
 };
 
 template <typename T>
@@ -59,12 +67,6 @@ struct ConvInputGradArgs {
   ConvGeometry g;
 };
 
-// The weight gradient's cache blocking (conv_weight_grad_tile): rows (output
-// channels) per item and input channels per chunk.
-struct ConvBlock {
-  int64_t rows, channels;
-};
-constexpr int64_t kConvMaxBlockRows = 256;
 
 template <typename T>
 struct ConvWeightGradArgs {
@@ -80,16 +82,44 @@ struct ConvWeightGradArgs {
 // Batch entries per register tile: 8 vectors (128 floats per pixel).
 constexpr int kConvTileVectors = 8;
 
-// A block's output-gradient planes and a chunk's input planes (one batch tile of each)
-// take about half of a 2 MiB L2 each: 3x3, 256 -> 256, 16 x 16, batch 32 gives blocks
-// of 32 rows over chunks of 32 channels.
+// Pixels per register block for a batch tile of `vectors` vectors: about 16 accumulators.
+constexpr int conv_pixel_block(int vectors) { return vectors >= 5 ? 2 : vectors >= 3 ? 4 : 8; }
+
+// The forward's blocking: a chunk's window (kh rows of P + kw - 1 pixels, stride 1, of
+// each of its channels, one batch tile) takes at most 32 KiB of L1, but a chunk holds at
+// least 8 taps per row on average: a row's visit to a chunk loads and stores its output
+// tile, which the taps must outweigh (with chunks of 1-2 taps per row, 3x3 256 -> 256
+// at density 0.01 ran 1.6x slower than unchunked). A block's output tiles take at most
+// 512 KiB of L2.
+template <typename T>
+ConvBlock forward_block(const ConvGeometry& g, int64_t nnz) {
+  const int64_t lanes = std::clamp<int64_t>(g.batch, 1, 16 * kConvTileVectors);
+  const int64_t pixels = conv_pixel_block(static_cast<int>((lanes + 15) / 16));
+  const int64_t pixel_bytes = lanes * static_cast<int64_t>(sizeof(T));
+  const int64_t window = g.kernel_h * ((pixels - 1) * g.stride_w + g.kernel_w) * pixel_bytes;
+  const int64_t for_l1 = 32 * 1024 / window;
+  const int64_t for_taps = nnz > 0 ? (8 * g.in_channels * g.out_channels + nnz - 1) / nnz : g.in_channels;
+  const int64_t channels = std::clamp<int64_t>(std::max(for_l1, for_taps), 1, std::max<int64_t>(1, g.in_channels));
+  const int64_t rows = std::clamp<int64_t>(512 * 1024 / (pixels * pixel_bytes), 1,
+                                           std::max<int64_t>(1, g.out_channels));
+  return {rows, channels};
+}
+
+// The weight gradient's: bands of output rows of at most 32 KiB per channel (one batch
+// tile), then a block's output-gradient bands and a chunk's input bands take about a
+// quarter of a 2 MiB L2 each. 3x3, 256 -> 256, 16 x 16, batch 32: whole planes, blocks of
+// 16 rows over chunks of 16 channels; 128 -> 128, 32 x 32, batch 128: bands of 2 rows,
+// blocks of 16 rows, chunks of 8 channels.
 template <typename T>
 ConvBlock weight_grad_block(const ConvGeometry& g) {
   const int64_t lanes = std::clamp<int64_t>(g.batch, 1, 16 * kConvTileVectors);
-  const int64_t budget = 1024 * 1024 / static_cast<int64_t>(sizeof(T) * lanes);
-  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(1, g.out_h * g.out_w), 1, kConvMaxBlockRows);
-  const int64_t channels = std::max<int64_t>(1, budget / std::max<int64_t>(1, g.in_h * g.in_w));
-  return {rows, channels};
+  const int64_t row_bytes = std::max<int64_t>(1, g.out_w * lanes * static_cast<int64_t>(sizeof(T)));
+  const int64_t band = std::clamp<int64_t>(32 * 1024 / row_bytes, 1, std::max<int64_t>(1, g.out_h));
+  const int64_t pixels = 512 * 1024 / static_cast<int64_t>(sizeof(T) * lanes);
+  const int64_t band_in_rows = (band - 1) * g.stride_h + g.kernel_h;
+  const int64_t rows = std::clamp<int64_t>(pixels / std::max<int64_t>(1, band * g.out_w), 1, kConvMaxBlockRows);
+  const int64_t channels = std::max<int64_t>(1, pixels / std::max<int64_t>(1, band_in_rows * g.in_w));
+  return {rows, channels, band};
 }
 
 SPARSEMOM_FORCE_INLINE int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && (a < 0)); }
@@ -217,37 +247,46 @@ ConvGeometry geometry(int64_t in_channels, int64_t out_channels, int64_t batch, 
           padding[1]};
 }
 
-// The nonzeros of (row_ptr, col_idx) decoded for input planes of h x w, after
-// checking row_ptr and that every column is in [0, channels * kh * kw). With
-// `by_offset`, each row's taps are grouped by kernel offset (kh, kw), in CSR order
-// within a group: whether a tap's window crosses the image border depends on its
-// offset, so grouped, the forward's border branches are predictable (in CSR order
-// they were mispredicted about one tap in three at 3x3, padding 1).
+// The nonzeros of (row_ptr, col_idx) decoded for input planes of h x w, in CSR order,
+// after checking row_ptr and that every column is in [0, channels * kh * kw).
 std::vector<ConvTap> decode_taps(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t channels,
-                                 int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size, bool by_offset) {
+                                 int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size) {
   const int64_t nnz = col_idx.numel(), n_rows = row_ptr.numel() - 1;
-  const int64_t kh = kernel_size[0], kw = kernel_size[1], n_cols = channels * kh * kw;
+  const int64_t kh = kernel_size[0], kw = kernel_size[1];
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const int32_t* rows = rp.data_ptr<int32_t>();
-  check_csr_row_ptr_host(rows, n_rows, nnz);
-  check_csr_col_idx_host(ci.data_ptr<int32_t>(), nnz, n_cols, "col_idx", "in_channels * kh * kw");
+  check_csr_row_ptr_host(rp.data_ptr<int32_t>(), n_rows, nnz);
+  check_csr_col_idx_host(ci.data_ptr<int32_t>(), nnz, channels * kh * kw, "col_idx", "in_channels * kh * kw");
   std::vector<ConvTap> taps(static_cast<size_t>(nnz));
   const int32_t* cols = ci.data_ptr<int32_t>();
-  auto decode = [&](int64_t k) {
+  for (int64_t k = 0; k < nnz; ++k) {
     const int64_t col = cols[k], c = col / (kh * kw), i = (col / kw) % kh, j = col % kw;
-    return ConvTap{(c * in_h + i) * in_w + j, static_cast<int32_t>(c), static_cast<int32_t>(i),
-                   static_cast<int32_t>(j), static_cast<int32_t>(k)};
-  };
-  if (!by_offset) {
-    for (int64_t k = 0; k < nnz; ++k) taps[k] = decode(k);
-    return taps;
+    taps[k] = {(c * in_h + i) * in_w + j, static_cast<int32_t>(c), static_cast<int32_t>(i), static_cast<int32_t>(j),
+               static_cast<int32_t>(k)};
   }
-  std::vector<int64_t> start(static_cast<size_t>(kh * kw + 1));
-  for (int64_t r = 0; r < n_rows; ++r) {  // a counting sort of each row by offset
+  return taps;
+}
+
+// decode_taps, each row's taps then sorted by (channel chunk, kernel offset, CSR order)
+// by a counting sort, and `chunk_ptr` (n_rows x (chunks + 1)) where each row's taps of
+// each chunk start (the last entry of a row: its end).
+std::vector<ConvTap> decode_forward_taps(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t channels,
+                                         int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size,
+                                         int64_t channels_per_chunk, std::vector<int32_t>& chunk_ptr) {
+  const std::vector<ConvTap> csr_order = decode_taps(row_ptr, col_idx, channels, in_h, in_w, kernel_size);
+  const int64_t n_rows = row_ptr.numel() - 1, offsets = kernel_size[0] * kernel_size[1];
+  const int64_t chunks = (channels + channels_per_chunk - 1) / channels_per_chunk;
+  const at::Tensor rp = row_ptr.contiguous();
+  const int32_t* rows = rp.data_ptr<int32_t>();
+  std::vector<ConvTap> taps(csr_order.size());
+  chunk_ptr.assign(static_cast<size_t>(n_rows * (chunks + 1)), 0);
+  std::vector<int64_t> start(static_cast<size_t>(chunks * offsets + 1));
+  auto bucket = [&](const ConvTap& t) { return (t.channel / channels_per_chunk) * offsets + t.kh * kernel_size[1] + t.kw; };
+  for (int64_t r = 0; r < n_rows; ++r) {
     std::fill(start.begin(), start.end(), 0);
-    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) ++start[cols[k] % (kh * kw) + 1];
+    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) ++start[bucket(csr_order[k]) + 1];
     for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
-    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) taps[rows[r] + start[cols[k] % (kh * kw)]++] = decode(k);
+    for (int64_t c = 0; c <= chunks; ++c) chunk_ptr[r * (chunks + 1) + c] = static_cast<int32_t>(rows[r] + start[c * offsets]);
+    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) taps[rows[r] + start[bucket(csr_order[k])]++] = csr_order[k];
   }
   return taps;
 }
@@ -260,15 +299,20 @@ at::Tensor csr_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t n = x.size(0), channels = x.size(1), out_channels = row_ptr.numel() - 1;
   const ConvGeometry g = geometry(channels, out_channels, n, x.size(2), x.size(3), kernel_size, stride, padding);
   at::Tensor y = at::empty({out_channels, g.out_h, g.out_w, n}, x.options());
-  const std::vector<ConvTap> taps = decode_taps(row_ptr, col_idx, channels, g.in_h, g.in_w, kernel_size, true);
+  const ConvBlock block = x.scalar_type() == at::kDouble ? forward_block<double>(g, col_idx.numel())
+                                                         : forward_block<float>(g, col_idx.numel());
+  std::vector<int32_t> chunk_ptr;
+  const std::vector<ConvTap> taps =
+      decode_forward_taps(row_ptr, col_idx, channels, g.in_h, g.in_w, kernel_size, block.channels, chunk_ptr);
   if (y.numel() == 0) return y.permute({3, 0, 1, 2});
-  const at::Tensor xb = channels_first_batch_last(x), v = values.contiguous(), rp = row_ptr.contiguous();
+  const at::Tensor xb = channels_first_batch_last(x), v = values.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_conv2d_forward", [&] {
-    const ConvForwardArgs<scalar_t> a{rp.data_ptr<int32_t>(), taps.data(), v.data_ptr<scalar_t>(),
-                                      data_or_null<scalar_t>(b), xb.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g};
+    const ConvForwardArgs<scalar_t> a{chunk_ptr.data(), taps.data(), v.data_ptr<scalar_t>(),
+                                      data_or_null<scalar_t>(b), xb.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g,
+                                      block};
     const auto fn = pick_conv_forward_items<scalar_t>();
-    const int64_t items = out_channels * g.out_h;
+    const int64_t items = g.out_h * ((out_channels + block.rows - 1) / block.rows);
     at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
   });
   return y.permute({3, 0, 1, 2});
@@ -307,7 +351,7 @@ at::Tensor csr_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   check_csr_conv2d_weight_grad_args(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding);
   const int64_t n = x.size(0), channels = x.size(1), out_channels = row_ptr.numel() - 1;
   const ConvGeometry g = geometry(channels, out_channels, n, x.size(2), x.size(3), kernel_size, stride, padding);
-  const std::vector<ConvTap> taps = decode_taps(row_ptr, col_idx, channels, g.in_h, g.in_w, kernel_size, false);
+  const std::vector<ConvTap> taps = decode_taps(row_ptr, col_idx, channels, g.in_h, g.in_w, kernel_size);
   if (n == 0 || g.out_h * g.out_w == 0) return at::zeros({col_idx.numel()}, x.options());
   at::Tensor out = at::empty({col_idx.numel()}, x.options());
   const at::Tensor gb = channels_first_batch_last(grad_out), xb = channels_first_batch_last(x);
