@@ -354,7 +354,7 @@ def csr_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tenso
     x, values, bias = _autocast_like_linear(x, values, bias)
     y = torch.ops.sparsemom.csr_linear(x.reshape(-1, x.shape[-1]), values, bias, row_ptr, col_idx, col_ptr,
                                        row_idx, perm)
-    return y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -387,7 +387,7 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ptr: Te
     x, weight, bias = _autocast_like_linear(x, weight, bias)
     y = torch.ops.sparsemom.masked_linear(x.reshape(-1, x.shape[-1]), weight, bias, row_ptr, col_idx, col_ptr,
                                           row_idx, perm, flat_index)
-    return y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
 for _fn in (csr_spmm, csr_sddmm, csr_transpose, csr_linear, masked_linear, csr_linear_backward):

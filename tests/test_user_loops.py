@@ -64,3 +64,36 @@ def test_the_training_command_in_the_csr_layout_updating_every_few_steps(tmp_pat
     assert any(r["nnz"] != initial[r["layer"]] for r in updates), "the updates changed some layer's size"
     report = results["density_report"]
     assert report["total"]["nnz"] == round(0.1 * report["total"]["numel"])
+
+
+def _cnn(inplace):
+    # Every sparse layer is followed by an in-place ReLU, as torchvision's VGG classifier is.
+    return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(12, 8, 3, stride=2),
+                         nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(8 * 3 * 3, 24), nn.ReLU(inplace=inplace),
+                         nn.Linear(24, 10))
+
+
+@pytest.mark.parametrize("layout", ["csr", "mask"])
+@pytest.mark.parametrize("growth,sampling", [("momentum", "grabo"), ("gse", "grabo"), ("gradient", "uniform")])
+def test_in_place_activations_after_sparse_layers_change_nothing(layout, growth, sampling):
+    """The engine reads each layer's output gradient; a ReLU(inplace=True) after the layer must
+    not hide it (it did for the csr layer outputs that are reshapes of their op's result)."""
+    runs = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = sm.sparsify(_cnn(inplace), density=0.3, layout=layout, generator=torch.Generator().manual_seed(1))
+        optimizer = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = sm.SparseMomentum(model, optimizer, prune_rate=0.4, growth=growth, sampling=sampling,
+                                   update_every=4, total_steps=40, window=2)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(9):
+            x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            engine.step()
+        assert engine.updates == 2
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0, msg=key)

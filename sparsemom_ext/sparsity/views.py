@@ -58,15 +58,22 @@ class BatchProbe:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         x = inputs[0].detach()
+        shape = output.shape
+        # A layer's output may be a reshape of its op's result (a csr linear on 3-D input, a
+        # csr conv's contiguous output): an autograd view. A hook on a view is lost when the
+        # next module modifies it in place (ReLU(inplace=True)), so it goes on the result the
+        # view reshapes, whose gradient is the output's gradient reshaped.
+        base = output._base
+        target = base if base is not None and base.grad_fn is not None and base.numel() == output.numel() else output
 
-        def on_grad(grad_out):
-            grad_out = grad_out.detach()
+        def on_grad(grad):
+            grad_out = grad.detach().reshape(shape)
             if self.keep_last:
                 self.last = (x, grad_out)
             if self.on_batch is not None:
                 self.on_batch(x, grad_out)
 
-        output.register_hook(on_grad)
+        target.register_hook(on_grad)
 
     def remove(self) -> None:
         self._handle.remove()
