@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "dispatch_ops.h"
 #include "sparsemom.h"
 
 namespace sparsemom {
@@ -26,15 +27,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
-at::Tensor call_transpose_contiguous(const at::Tensor& x) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&)>("sparsemom::transpose_contiguous");
-  return op.call(x);
-}
 
 at::Tensor call_forward(const at::Tensor& x, const at::Tensor& values, const OptionalTensor& bias,
                         const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef kernel_size,

@@ -16,6 +16,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dispatch_ops.h"
 #include "sparsemom.h"
 
 namespace sparsemom {
@@ -25,11 +26,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 
-// The ops through the dispatcher (so each device's kernel serves), found once.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 at::Tensor call_csr_spmm(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                          const at::Tensor& values, const OptionalTensor& value_perm,
@@ -69,11 +65,6 @@ at::Tensor call_masked_linear(const at::Tensor& x, const at::Tensor& weight, con
   return op.call(x, weight, bias, row_ptr, col_idx, col_ptr, row_idx, perm, flat_index);
 }
 
-at::Tensor call_transpose_contiguous(const at::Tensor& x) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&)>("sparsemom::transpose_contiguous");
-  return op.call(x);
-}
 
 at::Tensor call_csr_linear(const at::Tensor& x, const at::Tensor& values, const OptionalTensor& bias,
                            const at::Tensor& row_ptr, const at::Tensor& col_idx,

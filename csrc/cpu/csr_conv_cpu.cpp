@@ -125,40 +125,9 @@ ConvBlock weight_grad_block(const ConvGeometry& g) {
 SPARSEMOM_FORCE_INLINE int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && (a < 0)); }
 SPARSEMOM_FORCE_INLINE int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
-// 16 float64 lanes with the per-lane arithmetic and reduction tree of the float vectors.
+// float64 runs the portable body on 16 double lanes (the float vectors' arithmetic and tree).
 namespace isa_default_f64 {
-struct V {
-  using Scalar = double;
-  double lane[16];
-  static SPARSEMOM_FORCE_INLINE V zero() { return broadcast(0.0); }
-  static SPARSEMOM_FORCE_INLINE V broadcast(double x) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.lane[i] = x;
-    return r;
-  }
-  static SPARSEMOM_FORCE_INLINE V load(const double* p) { return load_partial(p, 16); }
-  static SPARSEMOM_FORCE_INLINE V load_partial(const double* p, int n) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.lane[i] = i < n ? p[i] : 0.0;
-    return r;
-  }
-  SPARSEMOM_FORCE_INLINE void store(double* p) const { store_partial(p, 16); }
-  SPARSEMOM_FORCE_INLINE void store_partial(double* p, int n) const {
-    for (int i = 0; i < n; ++i) p[i] = lane[i];
-  }
-  static SPARSEMOM_FORCE_INLINE V fma(const V& a, const V& b, const V& c) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
-    return r;
-  }
-  SPARSEMOM_FORCE_INLINE double reduce() const {
-    double s[8];
-    for (int i = 0; i < 8; ++i) s[i] = lane[i] + lane[i + 8];
-    for (int i = 0; i < 4; ++i) s[i] = s[i] + s[i + 4];
-    for (int i = 0; i < 2; ++i) s[i] = s[i] + s[i + 2];
-    return s[0] + s[1];
-  }
-};
+using V = vec16::isa_default::Lanes<double>;
 #include "csr_conv_kernels.inc"
 }  // namespace isa_default_f64
 

@@ -33,42 +33,45 @@
 namespace sparsemom::vec16 {
 
 namespace isa_default {
-struct V {
-  using Scalar = float;
-  float lane[16];
-  static SPARSEMOM_FORCE_INLINE V zero() { return broadcast(0.0f); }
-  static SPARSEMOM_FORCE_INLINE V broadcast(float x) {
-    V r;
+// Portable: 16 scalar lanes of T (float32; csr_conv_cpu.cpp also takes float64).
+template <typename T>
+struct Lanes {
+  using Scalar = T;
+  T lane[16];
+  static SPARSEMOM_FORCE_INLINE Lanes zero() { return broadcast(T(0)); }
+  static SPARSEMOM_FORCE_INLINE Lanes broadcast(T x) {
+    Lanes r;
     for (int i = 0; i < 16; ++i) r.lane[i] = x;
     return r;
   }
-  static SPARSEMOM_FORCE_INLINE V load(const float* p) { return load_partial(p, 16); }
-  static SPARSEMOM_FORCE_INLINE V load_partial(const float* p, int n) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.lane[i] = i < n ? p[i] : 0.0f;
+  static SPARSEMOM_FORCE_INLINE Lanes load(const T* p) { return load_partial(p, 16); }
+  static SPARSEMOM_FORCE_INLINE Lanes load_partial(const T* p, int n) {
+    Lanes r;
+    for (int i = 0; i < 16; ++i) r.lane[i] = i < n ? p[i] : T(0);
     return r;
   }
-  SPARSEMOM_FORCE_INLINE void store(float* p) const { store_partial(p, 16); }
-  SPARSEMOM_FORCE_INLINE void store_partial(float* p, int n) const {
+  SPARSEMOM_FORCE_INLINE void store(T* p) const { store_partial(p, 16); }
+  SPARSEMOM_FORCE_INLINE void store_partial(T* p, int n) const {
     for (int i = 0; i < n; ++i) p[i] = lane[i];
   }
-  static SPARSEMOM_FORCE_INLINE V fma(const V& a, const V& b, const V& c) {
-    V r;
+  static SPARSEMOM_FORCE_INLINE Lanes fma(const Lanes& a, const Lanes& b, const Lanes& c) {
+    Lanes r;
     for (int i = 0; i < 16; ++i) r.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
     return r;
   }
-  SPARSEMOM_FORCE_INLINE float reduce() const {
-    float s[8];
+  SPARSEMOM_FORCE_INLINE T reduce() const {
+    T s[8];
     for (int i = 0; i < 8; ++i) s[i] = lane[i] + lane[i + 8];
     for (int i = 0; i < 4; ++i) s[i] = s[i] + s[i + 4];
     for (int i = 0; i < 2; ++i) s[i] = s[i] + s[i + 2];
     return s[0] + s[1];
   }
   // The lane sums of v[0..3], each as reduce() takes it.
-  static SPARSEMOM_FORCE_INLINE void reduce4(const V* v, float* out) {
+  static SPARSEMOM_FORCE_INLINE void reduce4(const Lanes* v, T* out) {
     for (int q = 0; q < 4; ++q) out[q] = v[q].reduce();
   }
 };
+using V = Lanes<float>;
 }  // namespace isa_default
 
 #if SPARSEMOM_HAVE_X86_ISA_VARIANTS
