@@ -292,6 +292,7 @@ def _assert_engine_unchanged(model, engine, snapshot):
             before = state["layers"][name][key]
             assert torch.equal(value, before) if isinstance(value, torch.Tensor) else value == before
     assert (engine.steps, engine.updates, engine.schedule) == scalars[:3]
+    assert engine.last_update == state["last_update"]
     assert torch.equal(engine.generator.get_state(), scalars[3])
 
 
@@ -313,6 +314,8 @@ def _corrupt(state, how):
         state["layers"]["nope.weight"] = state["layers"].pop(first)
     elif how == "negative steps":
         state["steps"] = -1
+    elif how == "last update after steps":
+        state["last_update"] = state["steps"] + 1
     elif how == "other options":
         state["options"]["prune"] = "set"
     elif how == "unknown option":
@@ -327,8 +330,9 @@ def _corrupt(state, how):
 
 
 CORRUPTIONS = {
-    **{f"missing {key}": [key] for key in ("steps", "updates", "layers", "windows", "generator", "schedule",
-                                            "options")},
+    **{f"missing {key}": [key] for key in ("steps", "updates", "last_update", "layers", "windows", "generator",
+                                            "schedule", "options")},
+    "last update after steps": ["last_update", "int in [0, steps"],
     "generator too short": ["generator", "CPU torch.Generator state"],
     "generator a list": ["generator", "CPU torch.Generator state"],
     "float mask": ["mask", "bool tensor"],

@@ -325,10 +325,11 @@ def test_a_diverging_run_stops_at_that_epoch_with_a_message_and_exit_1(tmp_path,
 
 
 def test_a_run_back_at_chance_stops_as_collapsed_with_a_message_and_exit_1(tmp_path, capsys):
-    # At lr 0.5 this tiny run learns a little (training loss 2.31, then 2.04: below chance,
-    # 2.29, in epoch 2) and then blows up without reaching NaN: epoch 3 (4.64) is worse than chance.
+    # At lr 0.5 without the lr ramp this tiny run learns a little (training loss 2.31, then 2.04:
+    # below chance, 2.29, in epoch 2) and then blows up without reaching NaN: epoch 3 (4.64) is
+    # worse than chance. (With the default ramp it does not collapse.)
     path = tmp_path / "run.json"
-    argv = [*TINY, "--epochs", "5", "--lr", "0.5", "--save", str(tmp_path / "c-{epoch}.pt"), "--json", str(path)]
+    argv = [*TINY, "--epochs", "5", "--lr", "0.5", "--lr-ramp-steps", "0", "--save", str(tmp_path / "c-{epoch}.pt"), "--json", str(path)]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
@@ -380,6 +381,9 @@ def refused(capsys, *argv):
     (["--lr-decay", "inf"], "argument --lr-decay: must be in (0, 1], got inf"),
     (["--candidates", "inf"], "argument --candidates: must be > 0, got inf"),
     (["--momentum", "inf"], "argument --momentum: must be in [0, 1), got inf"),
+    (["--lr-ramp-steps", "-1"], "argument --lr-ramp-steps: must be a non-negative integer, got -1"),
+    (["--lr-ramp-start", "0"], "argument --lr-ramp-start: must be in (0, 1], got 0"),
+    (["--lr-ramp-start", "nan"], "argument --lr-ramp-start: must be in (0, 1], got nan"),
 ])
 def test_numbers_must_be_finite_and_in_range_at_parse_time(capsys, argv, message):
     err = refused(capsys, *argv)
@@ -468,7 +472,7 @@ def test_a_checkpoint_of_an_older_format_is_refused_with_its_format(tmp_path, ca
     state = checkpoint.load_checkpoint(saved_run[0])
     torch.save({**state, "format": 2}, tmp_path / "old.pt")  # format 2: the state itself, no sha256
     err = resume_refused(capsys, saved_run, tmp_path / "old.pt")
-    assert "a checkpoint of format 2, written by an older version of this command; this one reads format 3" in err
+    assert f"a checkpoint of format 2, written by an older version of this command; this one reads format {checkpoint.FORMAT}" in err
 
 
 @pytest.mark.parametrize("option,target,message", [

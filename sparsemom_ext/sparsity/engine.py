@@ -39,6 +39,7 @@ from ..nn.csr_layout import CsrLayer
 from .connectivity import empty_rows_of_flat, protected_active
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
 from .distributed import rank_group_of
+from .lr_ramp import LrRamp
 from .masks import MaskingOptimizer
 from .options import EngineOptions
 from .schedule import PruneSchedule, apportion, prune_rate_at
@@ -147,6 +148,13 @@ class SparseMomentum:
             reductions and their cost: :mod:`sparsemom_ext.sparsity.distributed`); every
             rank must build the engine with the same arguments and ``seed``. FSDP is not
             supported (a ValueError says so).
+        lr_ramp_steps: for this many optimizer steps after each update, every param group's
+            lr ramps linearly from ``lr_ramp_start * lr`` up to ``lr`` (0, the default: no
+            ramp, as the paper). The lr is scaled only inside ``optimizer.step()``, so
+            schedulers and ``param_groups`` keep their own values. On LeNet-5-Caffe at 5%,
+            lr 0.1, 50 steps trained the seeds whose first steps on the grown weights blew
+            the network up (docs/algorithms.md, section 6); the training command uses 50.
+        lr_ramp_start: the lr fraction of the first optimizer step after an update, in (0, 1].
 
     GSE as in its paper: ``growth="gse", prune_rate=0.2, final_prune_rate=0.0,
     decay_end=0.6, update_every=1000, redistribution="none"`` (``scope="global"`` for
@@ -166,9 +174,9 @@ class SparseMomentum:
                  decay: str = "cosine", final_prune_rate: float = 0.005, seed: int = 0, *,
                  steps_per_epoch: Optional[int] = None, decay_end: float = 1.0, scope: str = "layer",
                  candidates: float = 1.0, sampling: str = "grabo", window: int = 100, process_group=None,
-                 connectivity: str = "floor"):
+                 connectivity: str = "floor", lr_ramp_steps: int = 0, lr_ramp_start: float = 0.02):
         self.options = EngineOptions(growth, prune, redistribution, scope, candidates, sampling, window,
-                                     connectivity)
+                                     connectivity, lr_ramp_steps, lr_ramp_start)
         schedule = PruneSchedule(prune_rate, final_prune_rate, decay, total_steps, update_every, decay_end,
                                  steps_per_epoch)
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
@@ -191,8 +199,11 @@ class SparseMomentum:
         self._window_views = self.growth_method.window_layers(self.weights)
         self.steps = 0
         self.updates = 0
+        self.last_update: Optional[int] = None  # the value of ``steps`` at the last update
         self._probes: Dict[str, BatchProbe] = {}
         self._add_probes()
+        self.lr_ramp = LrRamp(optimizer, self.options.lr_ramp_steps, self.options.lr_ramp_start,
+                              lambda: None if self.last_update is None else self.steps - self.last_update)
         # One UpdateRecord per layer per update; dataclasses.asdict() gives JSON-ready
         # rows for plotting, format_history() a printable table.
         self.history: List[UpdateRecord] = []
@@ -213,7 +224,8 @@ class SparseMomentum:
 
     def remove_hooks(self) -> None:
         """Take the engine's forward hooks off the layers (the engine cannot update after this
-        with a growth that needs them)."""
+        with a growth that needs them) and its lr ramp's hooks off the optimizer."""
+        self.lr_ramp.remove()
         for probe in self._probes.values():
             probe.remove()
         self._probes.clear()
@@ -283,6 +295,7 @@ class SparseMomentum:
                                         nnz / w.numel if w.numel else 0.0, cut))
         self.growth_method.windows.clear()
         self.updates += 1
+        self.last_update = self.steps
         self.history.extend(records)
         return records
 
@@ -415,6 +428,7 @@ class SparseMomentum:
         return {
             "steps": self.steps,
             "updates": self.updates,
+            "last_update": self.last_update,
             "layers": {w.name: w.saved_topology() for w in self.weights},
             "windows": self.growth_method.window_state_dict(),
             "generator": self.generator.get_state(),
@@ -432,7 +446,7 @@ class SparseMomentum:
         schedule, windows = self._checked_state(state)
         for w in self.weights:
             w.load_saved_topology(state["layers"][w.name])
-        self.steps, self.updates = state["steps"], state["updates"]
+        self.steps, self.updates, self.last_update = state["steps"], state["updates"], state["last_update"]
         self.generator.set_state(state["generator"])
         self.schedule = schedule
         self.growth_method.windows = windows
@@ -450,6 +464,10 @@ class SparseMomentum:
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state_dict['{key}'] must be a non-negative int, got {value!r}")
+        last = state["last_update"]
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= state["steps"]):
+            raise ValueError(f"state_dict['last_update'] must be None or an int in [0, steps={state['steps']}], "
+                             f"got {last!r}")
         layers = state["layers"]
         names = sorted(w.name for w in self.weights)
         if not isinstance(layers, dict) or sorted(layers) != names:
@@ -500,7 +518,7 @@ class SparseMomentum:
                                      f"candidate ({flat.numel()})")
 
 
-_STATE_KEYS = ("steps", "updates", "layers", "windows", "generator", "schedule", "options")
+_STATE_KEYS = ("steps", "updates", "last_update", "layers", "windows", "generator", "schedule", "options")
 
 
 def _built(name: str, cls, fields):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from .connectivity import check_connectivity
 from .growth import GROWTHS
 from .init import check_choice
+from .lr_ramp import check_lr_ramp
 from .sampling import SAMPLINGS
 
 __all__ = ["EngineOptions", "PRUNES", "REDISTRIBUTIONS", "SCOPES"]
@@ -27,6 +28,8 @@ class EngineOptions:
     sampling: str = "grabo"
     window: int = 100
     connectivity: str = "floor"
+    lr_ramp_steps: int = 0
+    lr_ramp_start: float = 0.02
 
     def __post_init__(self):
         check_choice("growth", self.growth, tuple(GROWTHS))
@@ -35,6 +38,8 @@ class EngineOptions:
         check_choice("scope", self.scope, SCOPES)
         check_choice("sampling", self.sampling, SAMPLINGS)
         check_connectivity(self.connectivity)
+        check_lr_ramp(self.lr_ramp_steps, self.lr_ramp_start)
+        object.__setattr__(self, "lr_ramp_start", float(self.lr_ramp_start))
         candidates, window = self.candidates, self.window
         if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not 0.0 < candidates <= 1e6:
             raise ValueError(f"candidates must be a positive number; got {candidates!r}")

@@ -37,7 +37,7 @@ __all__ = ["FORMAT", "IGNORED_ON_RESUME", "checkpoint_state", "load_checkpoint",
            "write_checkpoint"]
 
 # 2: the engine's state per layer view, CsrLinear's fixed-capacity storage. 3: the sha256 of the payload.
-FORMAT = 3
+FORMAT = 4
 # The entries of a checkpoint's state and the types restore() needs them to have.
 _ENTRIES = {"config": dict, "epoch": int, "model": dict, "optimizer": dict, "scheduler": dict,
             "engine": (dict, type(None)), "engine_history": list, "history": list, "step_times": torch.Tensor,

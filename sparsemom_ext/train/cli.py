@@ -9,7 +9,9 @@ batch 100, lr x0.1 every 25,000 iterations, 100 epochs, density 0.05 with a unif
 initial distribution, prune rate 0.5 decayed by cosine to 0.005, topology updates at
 every epoch end, the last 10% of the training set held out for validation. Every one can
 be overridden. Beyond the reference, the connectivity rule is on (``--connectivity
-reference`` turns it off) and a run that collapses to chance stops like a diverged one.
+reference`` turns it off), the lr ramps up over the 50 steps after each topology update
+(``--lr-ramp-steps 0`` turns it off) and a run that collapses to chance stops like a
+diverged one.
 
 Bad arguments (an unknown model, a density outside (0, 1], a learning rate that is not
 finite, a missing data directory, data with no test images or labels out of range,
@@ -196,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-every", type=positive_int, default=25000, help="iterations between lr steps")
     g.add_argument("--lr-decay", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.1,
                    help="factor of each lr step")
+    g.add_argument("--lr-ramp-steps", type=_number(int, 0, what="a non-negative integer"), default=50,
+                   help="after each topology update, ramp the lr linearly from --lr-ramp-start x lr to lr over "
+                        "this many steps (docs/algorithms.md, section 6); 0: the reference code's constant lr")
+    g.add_argument("--lr-ramp-start", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.02,
+                   help="the lr fraction of the first step after a topology update")
     g.add_argument("--seed", type=_number(int, 0, what="a non-negative integer"), default=0,
                    help="seeds the initial weights, masks, shuffling, the engine and a random validation split")
 

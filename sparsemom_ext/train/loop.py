@@ -188,7 +188,8 @@ class Run:
                     prune=args.prune, redistribution=args.redistribution, decay=args.prune_decay, seed=args.seed,
                     steps_per_epoch=self.steps_per_epoch, decay_end=args.decay_end, scope=args.scope,
                     candidates=args.candidates, sampling=args.sampling, window=args.window,
-                    connectivity=args.connectivity)
+                    connectivity=args.connectivity, lr_ramp_steps=args.lr_ramp_steps,
+                    lr_ramp_start=args.lr_ramp_start)
             except ValueError as exc:
                 raise ConfigError(f"the sparsity engine rejects these options: {exc}") from exc
         self.shuffle = torch.Generator().manual_seed(args.seed + 1)
