@@ -208,6 +208,19 @@ void check_batch_operands(const at::Tensor& a, const char* a_name, const at::Ten
 
 }  // namespace
 
+void check_mask_matches_csr_args(const at::Tensor& mask, const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  TORCH_CHECK_VALUE(mask.defined(), "mask must be a tensor, got None");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.layout() == at::kStrided && mask.dim() == 2,
+                    "mask must be a dense 2-D tensor (n_rows, n_cols), got shape ", mask.sizes());
+  check_structure(row_ptr, col_idx);
+  check_same_device(row_ptr, "row_ptr", mask, "mask");
+  TORCH_CHECK_VALUE(row_ptr.numel() == mask.size(0) + 1, "row_ptr must have mask.size(0) + 1 = ",
+                    mask.size(0) + 1, " entries, got ", row_ptr.numel());
+  TORCH_CHECK_VALUE(mask.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "mask: at most 2^31 - 1 columns are supported, got ", mask.size(1));
+}
+
 void check_csr_spmm_args(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                          const at::Tensor& values, const std::optional<at::Tensor>& value_perm,
                          const std::optional<at::Tensor>& bias) {

@@ -63,6 +63,11 @@ std::string build_info() {
 
 TORCH_LIBRARY(sparsemom, m) {
   m.def("mask_apply_(Tensor(a!) weight, Tensor mask) -> ()");
+  // mask_matches_csr: whether the 2-D bool mask is true exactly at the positions of the
+  // canonical CSR structure (row_ptr, col_idx) of its shape. A host query, read before a
+  // cached structure is reused (the mask may have been written where its version counter
+  // does not see it).
+  m.def("mask_matches_csr(Tensor mask, Tensor row_ptr, Tensor col_idx) -> bool");
   m.def(
       "fused_sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
       "Tensor? mask, float lr, float momentum, float dampening, float weight_decay, "

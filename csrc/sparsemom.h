@@ -20,6 +20,9 @@ namespace sparsemom {
 // (ValueError / TypeError in Python) naming the argument and what was expected,
 // before any memory is written.
 void check_mask_apply_args(const at::Tensor& weight, const at::Tensor& mask);
+// mask_matches_csr: a 2-D bool mask and an int32 structure of its n_rows (contents are
+// checked by the kernel, with check_csr_content_host).
+void check_mask_matches_csr_args(const at::Tensor& mask, const at::Tensor& row_ptr, const at::Tensor& col_idx);
 void check_sgd_args(const at::Tensor& param, const at::Tensor& grad,
                     const std::optional<at::Tensor>& momentum_buffer,
                     const std::optional<at::Tensor>& mask, const SgdHyper& hyper);

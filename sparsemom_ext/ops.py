@@ -20,6 +20,7 @@ from torch import Tensor
 # The structure conversions (torch ops, used when a structure is built or changes) live
 # with the other CSR structure rules; they are part of this module's API too.
 from .csr_structure import csr_from_mask, csr_to_dense, csr_to_mask, csr_values_from_dense  # noqa: E402,F401
+from . import reference
 
 __all__ = [
     "contiguous_from_batch_innermost",
@@ -38,6 +39,7 @@ __all__ = [
     "fused_sgd_step_",
     "magnitude_prune",
     "mask_apply_",
+    "mask_matches_csr",
     "masked_linear",
     "momentum_grow",
     "set_prune",
@@ -52,6 +54,23 @@ def mask_apply_(weight: Tensor, mask: Tensor) -> None:
     float32, float64, float16 or bfloat16. Either may be non-contiguous.
     """
     torch.ops.sparsemom.mask_apply_(weight, mask)
+
+
+def mask_matches_csr(mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> bool:
+    """Whether the 2-D bool ``mask`` is True exactly at the positions of the canonical CSR
+    structure ``(row_ptr, col_idx)`` (int32; columns strictly increasing within each row)
+    of its shape.
+
+    One pass over the mask: what a cache of a mask's structure reads before reusing it,
+    since writes through ``.data``, numpy or DLPack leave the mask's version counter as it
+    was. A malformed structure is a ValueError naming the argument. CUDA tensors take
+    the reference's torch ops (one host sync).
+    """
+    if isinstance(mask, Tensor) and mask.is_cuda:
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+        return reference.mask_matches_csr(mask, row_ptr, col_idx)
+    return torch.ops.sparsemom.mask_matches_csr(mask, row_ptr, col_idx)
 
 
 def fused_sgd_step_(

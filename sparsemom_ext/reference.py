@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .csr_structure import check_canonical_structure, csr_to_mask
+
 
 def _opmath(t: Tensor) -> Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
@@ -28,6 +30,11 @@ def _store(target: Tensor, value: Tensor) -> Tensor:
 
 def mask_apply_(weight: Tensor, mask: Tensor) -> None:
     weight.masked_fill_(~mask, 0)
+
+
+def mask_matches_csr(mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> bool:
+    check_canonical_structure(row_ptr, col_idx, mask.shape[0], mask.shape[1])
+    return torch.equal(csr_to_mask(row_ptr, col_idx, mask.shape[1]), mask)
 
 
 def fused_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor] = None,

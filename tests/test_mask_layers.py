@@ -313,6 +313,30 @@ def test_sparse_backend_rebuilds_its_structure_when_the_mask_changes():
     close(y, F.linear(x, layer.weight, layer.bias))
 
 
+@pytest.mark.parametrize("writer", ["data", "numpy", "dlpack"])
+def test_sparse_backend_sees_mask_writes_its_version_counter_misses(writer):
+    # A user prunes row 0 and grows three weights in row 1 by writing through an alias the
+    # mask's version counter does not see; the sparse backend must compute with that mask.
+    layer = SparseLinear(64, 48, density=0.2, backend="sparse", generator=seeded(3))
+    x = torch.randn(10, 64, generator=seeded(4))
+    layer(x)  # builds and caches the structure
+    version = layer.mask._version
+    alias = {"data": lambda m: m.data, "numpy": lambda m: torch.from_numpy(m.numpy()),
+             "dlpack": lambda m: torch.from_dlpack(m.__dlpack__())}[writer](layer.mask)
+    grown = (~layer.mask[1]).nonzero()[:3, 0]
+    alias[0, :] = False
+    alias[1, grown] = True
+    with torch.no_grad():
+        layer.weight[0, :] = 0
+        layer.weight[1, grown] = torch.tensor([1.5, -2.0, 3.0])
+    assert layer.mask._version == version and layer.mask[1, grown].all()
+    y = layer(x)
+    close(y, F.linear(x, layer.weight, layer.bias))  # a stale structure misses the grown weights
+    assert (y[:, 0] == layer.bias[0]).all()
+    weight_grad = check_against_dense(layer, x, layer.weight)
+    close(layer.weight.grad, weight_grad)
+
+
 def test_sparse_backend_follows_a_replaced_mask_buffer():
     # Replacing the buffer (not in place) twice between forwards used to be able to hit
     # the cache of the first mask: a new mask at its freed address, with an equal version.

@@ -16,9 +16,13 @@ and the input's gradient with the sparse kernels and computes the dense weight g
 (which exact sparse momentum grows from) with one dense matmul
 (:func:`sparsemom_ext.ops.masked_linear`), and ``"auto"`` (the default) picks
 ``"sparse"`` where it is faster: see :meth:`SparseLinear.uses_sparse_kernels`. The sparse
-backend derives the mask's structure once per mask version: change a mask in place through
-the tensor itself (``mask.copy_(...)``, ``mask[...] = ...``, as the engine does), not through
-``.data``, numpy or DLPack, whose writes its version counter does not see.
+backend derives the mask's structure once per mask version and, before each forward that
+reuses it, checks that the mask still holds exactly that structure
+(:func:`sparsemom_ext.ops.mask_matches_csr`, one pass over the mask): a mask changed in
+place is seen however it was written, through the tensor (``mask.copy_(...)``,
+``mask[...] = ...``, as the engine does) or where its version counter does not see it
+(``.data``, numpy, DLPack). Keep the weight zero where a mask you wrote is False, as with
+every writer of the mask.
 
 The always-sparse layouts are their own classes, :class:`sparsemom_ext.nn.CsrLinear` and
 :class:`sparsemom_ext.nn.CsrConv2d`; :func:`sparsemom_ext.nn.to_layout` converts (a csr
@@ -298,9 +302,10 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
     AUTO_MAX_DENSITY = 0.1
     AUTO_MIN_NUMEL = 1 << 16
 
-    def _cached_for_mask(self, name: str, build):
+    def _cached_for_mask(self, name: str, build, still_valid=None):
         """``build(mask)``, computed once per mask tensor and version (the engine updates the
-        mask in place, which bumps its version counter) and kept in ``__dict__[name]``.
+        mask in place, which bumps its version counter) and kept in ``__dict__[name]``; with
+        ``still_valid(mask, value)``, rebuilt also when that says the mask changed unseen.
 
         The entry also holds an alias of the mask it was built from: while it lives, no
         other mask can be allocated at its address, which with a reused address and an
@@ -309,23 +314,29 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
         mask = self.mask
         key = (mask.data_ptr(), mask._version, mask.device)
         cached = self.__dict__.get(name)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or (still_valid is not None and not still_valid(mask, cached[1])):
             cached = (key, build(mask), mask.detach())
             self.__dict__[name] = cached
         return cached[1]
 
     def _mask_structure_nnz(self) -> int:
-        # Counting the mask costs O(numel): done once per mask version, not per forward.
+        # Counting the mask costs O(numel): done once per mask version, not per forward. A
+        # write the version does not see leaves this count (auto's choice of kernels) stale
+        # until the next version, never a result: the structure itself is checked.
         return self._cached_for_mask("_mask_nnz_cache", lambda mask: int(mask.count_nonzero()))
 
     def _mask_structure(self):
-        """CSR structure of the mask, its transpose and each nonzero's flat index, per mask version."""
+        """CSR structure of the mask, its transpose and each nonzero's flat index: built once per
+        mask version, checked against the mask's contents at each use."""
         def build(mask):
             row_ptr, col_idx = csr_from_mask(mask)
             col_ptr, row_idx, perm = ops.csr_transpose(row_ptr, col_idx, self.in_features)
             flat_index = mask.reshape(-1).nonzero().reshape(-1)
             return (row_ptr, col_idx, col_ptr, row_idx, perm, flat_index)
-        return self._cached_for_mask("_mask_structure_cache", build)
+
+        def still_valid(mask, structure):
+            return ops.mask_matches_csr(mask, structure[0], structure[1])
+        return self._cached_for_mask("_mask_structure_cache", build, still_valid)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.uses_sparse_kernels(input):
