@@ -31,7 +31,9 @@ def header(args, data, steps_per_epoch: int, threads: int) -> str:
         when = f"every {args.update_every} steps" if args.update_every else "at epoch ends"
         lines.append(f"density {args.density} ({args.distribution}, layout {args.layout}); growth {args.growth}, "
                      f"prune {args.prune}, redistribution {args.redistribution}, prune rate {args.prune_rate} "
-                     f"{args.prune_decay} to {args.final_prune_rate}, updates {when}")
+                     f"{args.prune_decay} to {args.final_prune_rate}, updates {when}, connectivity {args.connectivity}"
+                     + (f", lr ramp {args.lr_ramp_start} x lr to lr over the {args.lr_ramp_steps} steps after each update"
+                        if args.lr_ramp_steps else ""))
     opt = f"{args.optimizer} lr {args.lr}"
     if args.optimizer == "sgd":
         opt += f" momentum {args.momentum}{' nesterov' if args.nesterov else ''}"
