@@ -6,7 +6,8 @@ Run with two processes (tests/test_distributed.py does)::
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_train.py \
         --configs momentum:csr,gse:mask:uniform --out result.json
 
-Each config is ``growth:layout[:sampling[:optimizer[:scope]]]``. Each rank trains on its own
+Each config is ``growth:layout[:sampling[:optimizer[:scope[:model]]]]``, model ``mlp`` (the
+default) or ``cnn`` (two convs and a linear layer: csr convolutions in the csr layout). Each rank trains on its own
 batches (as a DistributedSampler gives), so any signal built from one rank's batch and not
 reduced makes the ranks' updates differ. Rank 0 writes, per config, whether the ranks were
 identical after each update and each layer's nonzeros after it.
@@ -22,8 +23,17 @@ from torch import nn
 import sparsemom_ext as sm
 
 
-def build(layout, optimizer_name):
-    model = nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5))
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5)),
+            (20,)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, stride=2, padding=1),
+                                  nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 5)),
+            (3, 8, 8)),
+}
+
+
+def build(layout, optimizer_name, model_name):
+    model = MODELS[model_name][0]()
     model = sm.sparsify(model, density=0.25, layout=layout, generator=torch.Generator().manual_seed(0))
     ddp_model = nn.parallel.DistributedDataParallel(model)
     if optimizer_name == "adam":
@@ -50,17 +60,17 @@ def same_on_every_rank(tensors) -> bool:
 
 
 def run(config, seed, steps=14):
-    growth, layout, sampling, optimizer_name, scope = (config.split(":") + ["grabo", "sgd", "layer"][
-        len(config.split(":")) - 2:])[:5]
+    growth, layout, sampling, optimizer_name, scope, model_name = (config.split(":") + ["grabo", "sgd", "layer", "mlp"][
+        len(config.split(":")) - 2:])[:6]
     torch.manual_seed(0)
-    model, ddp_model, optimizer = build(layout, optimizer_name)
+    model, ddp_model, optimizer = build(layout, optimizer_name, model_name)
     engine = sm.SparseMomentum(ddp_model, optimizer, prune_rate=0.4, update_every=3, total_steps=steps + 1,
                                growth=growth, sampling=sampling, scope=scope, window=2, seed=seed)
     data = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own batches
     loss_fn = nn.CrossEntropyLoss()
     identical, nnz = [], []
     for _ in range(steps):
-        x, y = torch.randn(16, 20, generator=data), torch.randint(0, 5, (16,), generator=data)
+        x, y = torch.randn(16, *MODELS[model_name][1], generator=data), torch.randint(0, 5, (16,), generator=data)
         optimizer.zero_grad()
         loss = loss_fn(ddp_model(x), y)
         loss.backward()

@@ -56,6 +56,16 @@ def test_wider_matrix_keeps_the_ranks_identical(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_csr_convolutions_keep_the_ranks_identical(tmp_path):
+    configs = [f"{growth}:csr:grabo:sgd:layer:cnn" for growth in GROWTHS] + ["gse:csr:uniform:adam:global:cnn"]
+    proc, results = run_ddp(tmp_path, configs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_identical(results, configs)
+    for r in results[:len(GROWTHS)]:  # momentum redistribution moved budget between the layers
+        assert len({tuple(s) for s in r["nnz"]}) > 1, r
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_ranks_that_would_disagree_are_stopped_before_anything_is_written(tmp_path):
     proc, results = run_ddp(tmp_path, ["random:mask"], "--seed-per-rank")
     assert proc.returncode != 0 and results is None
