@@ -164,3 +164,37 @@ def test_double_backward_is_refused_clearly(layout):
         torch.autograd.grad(out, x, create_graph=True)
     (grad,) = torch.autograd.grad(layer(x).square().sum(), x)  # first order still works
     assert grad.shape == x.shape and grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- gradient taps
+@pytest.mark.parametrize("make_layer", [lambda: sm.CsrLinear(32, 16, density=0.3, generator=seeded(0)),
+                                        lambda: sm.CsrConv2d(3, 8, 3, padding=1, density=0.3, generator=seeded(0))])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_gradient_tap_gives_the_candidates_gradient_dense_gradient_and_factors(make_layer, compiled):
+    from sparsemom_ext.sparsity.sampling import grabo_factors
+    from sparsemom_ext.sparsity.taps import GradientTap
+    layer = make_layer()
+    x = torch.randn(4, 32) if isinstance(layer, sm.CsrLinear) else torch.randn(2, 3, 5, 5)
+    structure = layer.structure()
+    layer.gradient_tap = GradientTap(layer, layer.n_rows, layer.n_cols, layer.values, structure, dense=True,
+                                     grabo=True)
+    model = nn.Sequential(layer, nn.ReLU(inplace=True))  # an in-place op on the tapped output is allowed
+    forward = torch.compile(model, fullgraph=True) if compiled else model
+    for _ in range(2):  # two backward passes: the signals are summed, as the weights' gradients are
+        loss = forward(x).square().sum()
+        loss.backward()
+    got = layer.gradient_tap.take()
+    nnz = layer.nnz
+    torch.testing.assert_close(got["at"], layer.values.grad[:nnz])
+    torch.testing.assert_close(got["dense"].reshape(-1)[layer.active_flat()], layer.values.grad[:nnz])
+    y = layer(x.clone())
+    layer.gradient_tap = None
+    grad_out = torch.autograd.grad(torch.relu(y).square().sum(), y)[0]
+    rows, cols = grabo_factors(layer, x, grad_out)
+    torch.testing.assert_close(got["factors"][0], 2 * rows)
+    torch.testing.assert_close(got["factors"][1], 2 * cols)
+    assert layer.gradient_tap is None and not GradientTap(layer, 1, 1, layer.values).take()
+    with torch.no_grad():  # evaluation batches are not seen
+        tap = layer.gradient_tap = GradientTap(layer, layer.n_rows, layer.n_cols, layer.values, grabo=True)
+        layer(x)
+    assert not tap.take()

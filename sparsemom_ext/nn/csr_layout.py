@@ -89,6 +89,9 @@ class CsrLayer(nn.Module):
     """
 
     layout = "csr"
+    #: Set by the sparse-training engine while it reads this layer's batches
+    #: (:class:`~sparsemom_ext.sparsity.taps.GradientTap`), else None.
+    gradient_tap = None
 
     # ------------------------------------------------------------------ shape (subclasses)
     @property
@@ -440,7 +443,9 @@ class CsrLinear(CsrLayer):
         # gradient. A slice here would cost its backward a zero fill and a copy of every slot
         # (4% of a 4096 x 4096 layer's forward + backward at 5%, batch 128).
         col_idx, row_idx, perm = self._used_structure
-        return ops.csr_linear(input, self.values, self.bias, self.row_ptr, col_idx, self.col_ptr, row_idx, perm)
+        output = ops.csr_linear(input, self.values, self.bias, self.row_ptr, col_idx, self.col_ptr, row_idx, perm)
+        tap = self.gradient_tap
+        return output if tap is None else tap(input, output)
 
     # A linear layer on (*, in) inputs: every leading dimension is batch.
     def batch_weight_grad_at(self, x, grad_out, row_ptr, col_idx):
@@ -630,7 +635,10 @@ class CsrConv2d(CsrLayer):
         col_idx, row_idx, perm = self._used_structure
         output = ops.csr_conv2d(input, self.values, self.bias, self.row_ptr, col_idx, self.col_ptr, row_idx, perm,
                                 self.kernel_size, self.stride, self.padding)
-        return ops.contiguous_from_batch_innermost(output) if self.output_layout == "contiguous" else output
+        if self.output_layout == "contiguous":
+            output = ops.contiguous_from_batch_innermost(output)
+        tap = self.gradient_tap
+        return output if tap is None else tap(input, output)
 
     # The conv as a linear layer on unfolded patches: the batch and the output positions are
     # its "batch"; nothing here unfolds the whole batch.

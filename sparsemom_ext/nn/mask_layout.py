@@ -84,6 +84,13 @@ class _MaskLayoutMixin:
     mask: torch.Tensor
 
     layout = "mask"
+    #: Set by the sparse-training engine while it reads this layer's batches
+    #: (:class:`~sparsemom_ext.sparsity.taps.GradientTap`), else None.
+    gradient_tap = None
+
+    def _tapped(self, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        tap = self.gradient_tap
+        return output if tap is None else tap(input, output)
 
     def _init_mask(self, count: int, generator: Optional[torch.Generator]) -> None:
         mask = random_mask(self.weight.shape, count, generator, device=self.weight.device)
@@ -340,13 +347,13 @@ class SparseLinear(_MaskLayoutMixin, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.uses_sparse_kernels(input):
-            return F.linear(input, self.weight, self.bias)
+            return self._tapped(input, F.linear(input, self.weight, self.bias))
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(f"input must have last dimension in_features={self.in_features}, "
                              f"got shape {tuple(input.shape)}")
         if input.dtype != self.weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(f"input must have the layer's dtype {self.weight.dtype}, got {input.dtype}")
-        return ops.masked_linear(input, self.weight, self.bias, *self._mask_structure())
+        return self._tapped(input, ops.masked_linear(input, self.weight, self.bias, *self._mask_structure()))
 
     def extra_repr(self) -> str:
         backend = f", backend={self.backend}" if self.backend != "auto" else ""
@@ -375,6 +382,9 @@ class SparseConv2d(_MaskLayoutMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self._init_mask(exact_count(density, self.weight.numel()), generator)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._tapped(input, super().forward(input))
 
     @classmethod
     def _from_dense_skeleton(cls, module: nn.Conv2d) -> "SparseConv2d":
