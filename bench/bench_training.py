@@ -71,8 +71,8 @@ class Run:
             self.optimizer = sm.optim.SGD(self.model.parameters(), **sgd)
             self.engine = sm.SparseMomentum(self.model, self.optimizer, update_every=period,
                                             total_steps=1 << 40, growth=growth)
-        # Not fullgraph: growths that read batches break the graph at each layer's hook.
-        self.forward = torch.compile(self.model) if compiled else self.model
+        # fullgraph: the growths that read batches do it through gradient taps, which compile.
+        self.forward = torch.compile(self.model, fullgraph=True) if compiled else self.model
 
     def step(self):
         x, y = self.data[self.cursor % len(self.data)]
@@ -132,10 +132,6 @@ def main():
     for growth in args.growth.split(","):
         runs[f"csr/{growth}"] = Run(f"csr/{growth}", widths, args.density, growth, args.period, args.device, data)
     if args.compile:
-        # Models of one class share compiled code, and by default dynamo does not guard on
-        # module hooks: a graph traced for a model without the engine's batch hooks would run
-        # another model's layers without theirs.
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
         runs["compiled/dense"] = Run("compiled/dense", widths, 1.0, None, args.period, args.device, data,
                                      compiled=True)
         for growth in args.compile.split(","):

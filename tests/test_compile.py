@@ -15,6 +15,12 @@ import sparsemom_ext as sm
 
 from conftest import seeded
 
+# Growths that read batches arm their layers' taps with three combinations of signals (none;
+# GraBo's factors or RigL's dense gradient; the open window's candidates), each compiled once
+# with static sizes and once with symbolic ones after the first topology change; no more
+# however many updates follow (the tests run 8).
+GRAPHS = 6
+
 
 def wide_mlp(layout, density=0.05):
     # 256 x 512: large and sparse enough that the mask layout's backend="auto" runs the
@@ -39,19 +45,20 @@ def image_batch(data):
     return torch.randn(16, 3, 8, 8, generator=data), torch.randint(0, 10, (16,), generator=data)
 
 
-def trainer(model, growth):
+def trainer(model, growth, sampling="grabo"):
     optimizer = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     engine = sm.SparseMomentum(model, optimizer, prune_rate=0.3, update_every=3, total_steps=40, growth=growth,
-                               window=2)
+                               window=2, sampling=sampling)
     return optimizer, engine
 
 
-def train_side_by_side(layout, growth, steps=13, make_model=wide_mlp, make_batch=mlp_batch, **compile_args):
+def train_side_by_side(layout, growth, steps=13, make_model=wide_mlp, make_batch=mlp_batch, sampling="grabo",
+                       **compile_args):
     """Losses of an eager and a compiled copy trained alike; the number of graphs compiled."""
     eager = make_model(layout)
     compiled = copy.deepcopy(eager)
-    runs = [(eager, eager, *trainer(eager, growth)),
-            (compiled, torch.compile(compiled, **compile_args), *trainer(compiled, growth))]
+    runs = [(eager, eager, *trainer(eager, growth, sampling)),
+            (compiled, torch.compile(compiled, **compile_args), *trainer(compiled, growth, sampling))]
     torch._dynamo.reset()
     counters.clear()
     data = seeded(5)
@@ -66,7 +73,7 @@ def train_side_by_side(layout, growth, steps=13, make_model=wide_mlp, make_batch
             optimizer.step()
             engine.step()
             record.append(loss.item())
-    assert runs[0][3].updates == runs[1][3].updates == 4
+    assert runs[0][3].updates == runs[1][3].updates == steps // 3
     assert [r.nnz for r in runs[0][3].history] == [r.nnz for r in runs[1][3].history]
     for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -88,11 +95,22 @@ def test_fullgraph_training_of_a_csr_cnn_with_updates_equals_eager_in_two_graphs
     assert graphs <= 2, graphs
 
 
-def test_growth_that_reads_batches_breaks_the_graph_and_says_why():
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="reads the batches of '0.values'"):
-        train_side_by_side("csr", "momentum", steps=1, fullgraph=True)
-    (eager, compiled), graphs = train_side_by_side("csr", "momentum")  # graph breaks at the probed layers
+@pytest.mark.parametrize("layout,growth,sampling", [("csr", "momentum", "grabo"), ("csr", "momentum", "uniform"),
+                                                    ("csr", "gradient", "grabo"), ("csr", "gse", "grabo"),
+                                                    ("mask", "gse", "grabo")])
+def test_fullgraph_training_with_growths_that_read_batches_equals_eager(layout, growth, sampling):
+    # Their signals come from the layers' gradient taps, which the compiled graph captures:
+    # a graph per combination of armed signals, each made once candidate counts are symbolic.
+    (eager, compiled), graphs = train_side_by_side(layout, growth, steps=25, fullgraph=True, sampling=sampling)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert graphs <= GRAPHS, graphs
+
+
+def test_fullgraph_training_of_a_csr_cnn_with_momentum_growth_equals_eager():
+    (eager, compiled), graphs = train_side_by_side("csr", "momentum", steps=25, make_model=small_cnn,
+                                                   make_batch=image_batch, fullgraph=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert graphs <= GRAPHS, graphs
 
 
 def test_the_sparse_backend_cannot_be_captured_and_says_so():
@@ -124,18 +142,22 @@ def test_jit_trace_equals_eager(layout):
 def test_autocast_bf16_training_step(layout):
     model = wide_mlp(layout, density=0.1)
     reference = copy.deepcopy(model)
-    optimizer, engine = trainer(model, "random")
+    optimizer, engine = trainer(model, "gse")  # its taps read the bfloat16 batches of steps 2 and 3
     x, y = torch.randn(16, 256, generator=seeded(4)), torch.randint(0, 10, (16,), generator=seeded(4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-    assert out.dtype == torch.bfloat16  # as nn.Linear gives under autocast
-    loss.backward()
-    sparse = [p for p in model.parameters() if p.grad is not None]
-    assert sparse and all(p.grad.dtype == torch.float32 for p in sparse)  # the parameters stay float32
-    torch.testing.assert_close(out.float(), reference(x), rtol=0.05, atol=0.05)
-    optimizer.step()
-    engine.step()
+    for step in range(3):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+        assert out.dtype == torch.bfloat16  # as nn.Linear gives under autocast
+        loss.backward()
+        sparse = [p for p in model.parameters() if p.grad is not None]
+        assert sparse and all(p.grad.dtype == torch.float32 for p in sparse)  # the parameters stay float32
+        if step == 0:
+            torch.testing.assert_close(out.float(), reference(x), rtol=0.05, atol=0.05)
+        optimizer.step()
+        engine.step()
+    assert engine.updates == 1 and sum(r.grown for r in engine.history) > 0
 
 
 def test_autocast_csr_linear_accumulates_in_float32():
@@ -166,35 +188,27 @@ def test_double_backward_is_refused_clearly(layout):
     assert grad.shape == x.shape and grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------- gradient taps
-@pytest.mark.parametrize("make_layer", [lambda: sm.CsrLinear(32, 16, density=0.3, generator=seeded(0)),
-                                        lambda: sm.CsrConv2d(3, 8, 3, padding=1, density=0.3, generator=seeded(0))])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_gradient_tap_gives_the_candidates_gradient_dense_gradient_and_factors(make_layer, compiled):
-    from sparsemom_ext.sparsity.sampling import grabo_factors
-    from sparsemom_ext.sparsity.taps import GradientTap
-    layer = make_layer()
-    x = torch.randn(4, 32) if isinstance(layer, sm.CsrLinear) else torch.randn(2, 3, 5, 5)
-    structure = layer.structure()
-    layer.gradient_tap = GradientTap(layer, layer.n_rows, layer.n_cols, layer.values, structure, dense=True,
-                                     grabo=True)
-    model = nn.Sequential(layer, nn.ReLU(inplace=True))  # an in-place op on the tapped output is allowed
-    forward = torch.compile(model, fullgraph=True) if compiled else model
-    for _ in range(2):  # two backward passes: the signals are summed, as the weights' gradients are
-        loss = forward(x).square().sum()
-        loss.backward()
-    got = layer.gradient_tap.take()
-    nnz = layer.nnz
-    torch.testing.assert_close(got["at"], layer.values.grad[:nnz])
-    torch.testing.assert_close(got["dense"].reshape(-1)[layer.active_flat()], layer.values.grad[:nnz])
-    y = layer(x.clone())
-    layer.gradient_tap = None
-    grad_out = torch.autograd.grad(torch.relu(y).square().sum(), y)[0]
-    rows, cols = grabo_factors(layer, x, grad_out)
-    torch.testing.assert_close(got["factors"][0], 2 * rows)
-    torch.testing.assert_close(got["factors"][1], 2 * cols)
-    assert layer.gradient_tap is None and not GradientTap(layer, 1, 1, layer.values).take()
-    with torch.no_grad():  # evaluation batches are not seen
-        tap = layer.gradient_tap = GradientTap(layer, layer.n_rows, layer.n_cols, layer.values, grabo=True)
-        layer(x)
-    assert not tap.take()
+
+def test_two_compiled_models_of_one_class_each_tap_their_own_layers():
+    # Compiled code is shared by models of one class: each model's taps (armed differently
+    # by different growths) must be its own, never another model's baked into a graph.
+    torch._dynamo.reset()
+    pairs = []
+    for growth in ("momentum", "gradient"):
+        eager = wide_mlp("csr")
+        compiled = copy.deepcopy(eager)
+        pairs.append([(eager, eager, *trainer(eager, growth)),
+                      (compiled, torch.compile(compiled, fullgraph=True), *trainer(compiled, growth))])
+    data = seeded(5)
+    for _ in range(10):
+        x, y = mlp_batch(data)
+        for pair in pairs:
+            for model, forward, optimizer, engine in pair:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(forward(x), y).backward()
+                optimizer.step()
+                engine.step()
+    for (eager, *_, eager_engine), (compiled, *_, compiled_engine) in pairs:
+        assert eager_engine.updates == compiled_engine.updates == 3
+        for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -246,12 +246,11 @@ def test_non_finite_signals_name_the_layer_and_change_nothing(layout, what, grow
             param.view(-1)[int(layer.mask.reshape(-1).nonzero()[0]) if layout == "mask" else 0] = bad
         elif layout == "mask":
             param.grad.view(-1)[0] = bad
-        else:  # csr: RigL's gradient comes from the layer's last batch
-            engine._probes[engine.weights[2].name].last[1].view(-1)[0] = bad
+        else:  # csr: RigL's gradient is the one the layer's tap delivered on the last step
+            engine._tapped[engine.weights[2].name]["dense"].view(-1)[0] = bad
     masks = [m.mask.clone() for m in sparse_layers(model)]
     values = [p.detach().clone() for p in model.parameters()]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
-    # (a csr layer's RigL gradient is grad_out^T x: one bad output gradient spoils a whole row)
     with pytest.raises(sm.NonFiniteSignalError, match=rf"at step 2 found \d NaN or infinite {what} in "
                                                       r"'4.(weight|values)'; nothing was changed"):
         engine.update()

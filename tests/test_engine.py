@@ -382,8 +382,9 @@ def test_optimizer_state_follows_the_weights(opt_name, growth):
         state = {k: dense_state(layer, t) for k, t in opt.state[layer.values].items()
                  if torch.is_tensor(t) and t.dim() == 1}
         before.append((layer.mask.clone(), layer.dense_weight(), state))
-    # engine.step() folds the step's candidate gradient into the windows before it updates:
-    # fold it here to see the state the update grows from.
+    # engine.step() takes the step's candidate gradient from the taps and folds it into the
+    # windows before it updates: do both here to see the state the update grows from.
+    engine._take_taps()
     engine.growth_method.before_update(engine.weights)
     windows = {name: copy.deepcopy(win) for name, win in engine.growth_method.windows.items()}
     engine.step()

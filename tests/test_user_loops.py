@@ -97,3 +97,34 @@ def test_in_place_activations_after_sparse_layers_change_nothing(layout, growth,
         runs.append(model.state_dict())
     for key, value in runs[0].items():
         torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("growth,sampling", [("gradient", "grabo"), ("gse", "uniform")])
+def test_gradient_accumulation_grows_in_the_csr_layout_what_the_mask_layout_grows(growth, sampling):
+    # Two backward passes per optimizer step. The mask layout scores by the weight's .grad
+    # (their sum); the csr layout by what its taps received over the same passes. (Only
+    # the first update is compared: after it the layouts differ by design, since the mask
+    # layout's grown weights start with the momentum their position kept, csr ones at 0.)
+    def train(layout):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64, dtype=torch.float64), nn.ReLU(),
+                              nn.Linear(64, 10, dtype=torch.float64))
+        model = sm.sparsify(model, density=0.2, layout=layout, generator=torch.Generator().manual_seed(1))
+        optimizer = sm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = sm.SparseMomentum(model, optimizer, prune_rate=0.3, update_every=3, total_steps=12,
+                                   growth=growth, sampling=sampling, redistribution="magnitude")
+        loss_fn = nn.CrossEntropyLoss()
+        for x, y in loader(batches=3, seed=2):
+            optimizer.zero_grad()
+            for half in (slice(0, 8), slice(8, 16)):
+                loss = loss_fn(model(x[half].double()), y[half]) / 2
+                loss.backward()
+            optimizer.step()
+            engine.step()
+        assert engine.updates == 1
+        return [m.mask for m in model if hasattr(m, "mask")], [r.grown for r in engine.history]
+
+    (mask_masks, mask_grown), (csr_masks, csr_grown) = train("mask"), train("csr")
+    assert mask_grown == csr_grown and sum(mask_grown) > 0
+    for a, b in zip(mask_masks, csr_masks):
+        assert torch.equal(a, b)

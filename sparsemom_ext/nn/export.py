@@ -90,7 +90,7 @@ def densify(model: nn.Module) -> nn.Module:
     masks attached to any other parameter) are gone, and torch's transformer fast paths
     that sparsify() turned off are on again. Every other module is a deep copy, so the
     state_dict loads with ``strict=True`` into the architecture ``model`` was built from.
-    Hooks on the sparse layers (the engine's probes among them) are not carried over,
+    Hooks and the engine's gradient taps on the sparse layers are not carried over,
     and gradients are not copied.
     """
     if not isinstance(model, nn.Module):

@@ -15,8 +15,8 @@ Usage::
             engine.step()
         engine.end_of_epoch()
 
-The engine is an explicit object the user steps; it patches nothing (it adds forward
-hooks to the layers whose growth signal needs their batches). Its sparse weights are the
+The engine is an explicit object the user steps; it patches nothing (it sets a gradient
+tap, :mod:`.taps`, on the layers whose growth signal needs their batches). Its sparse weights are the
 parameters of ``model`` that carry a mask (:func:`sparsemom_ext.attach_mask`, done by
 SparseLinear / SparseConv2d / sparsify) and the ``values`` of csr layers (CsrLinear,
 CsrConv2d). At each
@@ -35,7 +35,6 @@ from typing import Dict, List, Optional
 import torch
 
 from ..csr_structure import relayout_plan
-from ..nn.csr_layout import CsrLayer
 from .connectivity import empty_rows_of_flat, protected_active
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
 from .distributed import rank_group_of
@@ -44,7 +43,8 @@ from .masks import MaskingOptimizer
 from .options import EngineOptions
 from .schedule import PruneSchedule, apportion, prune_rate_at
 from .signals import SUPPORTED, optimizer_family
-from .views import BatchProbe, CsrView, find_views
+from .taps import GradientTap
+from .views import CsrView, find_views
 
 __all__ = ["NonFiniteSignalError", "SparseMomentum", "UpdateRecord", "apportion", "prune_rate_at"]
 
@@ -101,12 +101,15 @@ class SparseMomentum:
             to know when a window starts; without either, the first epoch's length is
             learnt at its end, and the first window spans that whole epoch.
             ``"random"``: SET, uniform among inactive positions, from ``seed``.
-            ``"gradient"``: RigL, the largest |weight gradient| of the last batch (csr
-            layout: one dense gradient of the layer, computed on the update step only).
-            ``"gse"``: GSE, ``ceil(candidates * nnz)`` inactive candidates drawn on the
-            update step (``sampling``), their gradient of the last batch computed at the
+            ``"gradient"``: RigL, the largest |weight gradient| of the update's step (csr
+            layout: one dense gradient of the layer, computed on the update's step only).
+            ``"gse"``: GSE, ``ceil(candidates * nnz)`` inactive candidates drawn at the
+            update (``sampling``), their gradient of the update's step computed at the
             candidates only (SDDMM; nothing of size in x out), the largest grow. A layer
-            then prunes at most as many weights as it has candidates.
+            then prunes at most as many weights as it has candidates. In the csr layout
+            the candidates are drawn after the step before the update (GraBo: from that
+            step's batches), since their gradient is computed during the update's step.
+            A gradient "of a step" is summed over its backward passes, as ``.grad`` is.
         prune: ``"magnitude"`` (smallest |w|) or ``"set"`` (closest to zero on each side of zero).
         redistribution: ``"momentum"`` (mean |momentum| over active weights; csr layout:
             the compact optimizer state), ``"magnitude"`` (mean |w|), ``"nonzeros"`` (keeps
@@ -116,8 +119,10 @@ class SparseMomentum:
         seed: seed of the engine's generator (random growth, candidate sampling): the same
             on every process.
         steps_per_epoch: the number of ``step()`` calls per epoch; with updates at epoch
-            ends it tells csr-layout momentum growth when to open its window (default:
-            learnt at the first :meth:`end_of_epoch`).
+            ends it tells the engine which steps precede an update: csr-layout momentum
+            and gse open their candidate windows, RigL taps its dense gradient and GraBo
+            its factors on those steps only (default: learnt at the first
+            :meth:`end_of_epoch`; until then every step of the first epoch is tapped).
         decay_end: the fraction of ``total_steps`` at which the decay reaches
             ``final_prune_rate`` (then stays there).
         scope: ``"layer"``: each layer prunes ``ceil(p_t * nnz_l)`` and the budget is
@@ -164,8 +169,10 @@ class SparseMomentum:
     plus what it grew, the global count is unchanged, no grown position was active
     after pruning, weights are zero wherever masks are False, and (``connectivity="floor"``)
     every output unit has an input. Growth signals that
-    need a layer's batches come from forward hooks the engine adds to those layers
-    (:meth:`remove_hooks` takes them off).
+    need a layer's batches come from the gradient tap the engine sets on those layers
+    (``layer.gradient_tap``, :mod:`sparsemom_ext.sparsity.taps`; torch.compile captures it,
+    ``fullgraph=True`` included), armed after each ``step()`` for the steps that need
+    them (:meth:`remove_hooks` takes them off).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, prune_rate: float = 0.5,
@@ -195,40 +202,88 @@ class SparseMomentum:
                              "them, or the mask layout")
         self.generator = torch.Generator().manual_seed(seed)
         sampler = CandidateSampler(sampling, self.options.candidates, self.generator, self.ranks)
-        self.growth_method = make_growth(growth, self.family, sampler, self.generator, self.ranks)
+        self.growth_method = make_growth(growth, self.family, sampler, self.generator, self.ranks,
+                                         self.options.window)
         self._window_views = self.growth_method.window_layers(self.weights)
         self.steps = 0
         self.updates = 0
         self.last_update: Optional[int] = None  # the value of ``steps`` at the last update
-        self._probes: Dict[str, BatchProbe] = {}
-        self._add_probes()
+        self._taps: Dict[str, GradientTap] = {}
+        # Per layer, the signals its tap delivered and the step they are of (``"step"``).
+        self._tapped: Dict[str, Dict] = {}
+        self._add_taps()
         self.lr_ramp = LrRamp(optimizer, self.options.lr_ramp_steps, self.options.lr_ramp_start,
                               lambda: None if self.last_update is None else self.steps - self.last_update)
         # One UpdateRecord per layer per update; dataclasses.asdict() gives JSON-ready
         # rows for plotting, format_history() a printable table.
         self.history: List[UpdateRecord] = []
+        if self._window_views and self.schedule.next_update(0) == 1:
+            # An update at step 1 needs its windows before any batch (GraBo: drawn uniform).
+            for w in self._window_views:
+                self.growth_method.open_window(w, {}, before_any_batch=True)
+        self._arm_taps()
 
-    # ------------------------------------------------------------------ hooks
-    def _add_probes(self) -> None:
+    # ------------------------------------------------------------------ taps
+    def _add_taps(self) -> None:
+        """A gradient tap on each layer whose growth signal comes from its batches."""
         for w in self.weights:
-            keep_last = self.growth_method.keeps_last_batch(w)
-            accumulates = w in self._window_views
-            if not (keep_last or accumulates):
+            wanted = w in self._window_views or any(self.growth_method.taps_for(w, True, True))
+            if not wanted:
                 continue
-            if not isinstance(w.module, (torch.nn.Linear, torch.nn.Conv2d, CsrLayer)):
+            if not hasattr(type(w.module), "gradient_tap"):
                 hint = "; use sampling='uniform'" if w.dense_gradient and self.options.growth == "gse" else ""
                 raise ValueError(f"growth={self.options.growth!r} with sampling={self.options.sampling!r} reads the "
-                                 f"batches of {w.name!r}, which is not the weight of a Linear or Conv2d layer{hint}")
-            on_batch = (lambda x, g, w=w: self.growth_method.accumulate(w, x, g)) if accumulates else None
-            self._probes[w.name] = BatchProbe(w.module, keep_last=keep_last, name=w.name, on_batch=on_batch)
+                                 f"batches of {w.name!r}, which is not the weight of a sparsemom_ext layer "
+                                 f"(SparseLinear, SparseConv2d, CsrLinear, CsrConv2d){hint}")
+            tap = GradientTap(w.module, w.n_rows, w.n_cols, w.param)
+            w.module.gradient_tap = tap
+            self._taps[w.name] = tap
+
+    def _arm_taps(self) -> None:
+        """Arm each tap with what the next step must deliver: the open window's candidate
+        gradients, and the dense gradient or GraBo's factors when an update or a window
+        opening may follow that step (every step while the epoch length is unknown)."""
+        if not self._taps:
+            return
+        upcoming = self.steps + 1
+        may_update = self.schedule.may_update_at(upcoming)
+        window_may_open = self._window_may_open(upcoming, may_update)
+        for w in self.weights:
+            tap = self._taps.get(w.name)
+            if tap is None:
+                continue
+            dense, grabo = self.growth_method.taps_for(w, may_update, window_may_open)
+            window = self.growth_method.windows.get(w.name)
+            tap.arm(None if window is None else (window.row_ptr, window.col_idx), dense, grabo)
+
+    def _take_taps(self) -> None:
+        """Collect what the taps received since the last step (the backward passes of step
+        ``steps + 1``): window gradients go to the growth, the rest is kept for the update."""
+        for name, tap in self._taps.items():
+            got = tap.take()
+            if not got:
+                continue
+            at = got.pop("at", None)
+            if at is not None:
+                self.growth_method.receive(name, at)
+            got["step"] = self.steps + 1
+            self._tapped[name] = got
+
+    def _fresh(self, name: str) -> Dict:
+        """The layer's tapped signals if they are of the step just made (or of a backward pass
+        since), else nothing."""
+        got = self._tapped.get(name, {})
+        return got if got.get("step", -1) >= self.steps else {}
 
     def remove_hooks(self) -> None:
-        """Take the engine's forward hooks off the layers (the engine cannot update after this
-        with a growth that needs them) and its lr ramp's hooks off the optimizer."""
+        """Take the engine's gradient taps off the layers (the engine cannot update after this
+        with a growth that reads batches) and its lr ramp's hooks off the optimizer."""
         self.lr_ramp.remove()
-        for probe in self._probes.values():
-            probe.remove()
-        self._probes.clear()
+        for w in self.weights:
+            if w.name in self._taps:
+                w.module.gradient_tap = None
+        self._taps.clear()
+        self._tapped.clear()
 
     # ------------------------------------------------------------------ stepping
     def prune_rate(self) -> float:
@@ -237,6 +292,7 @@ class SparseMomentum:
 
     def step(self) -> None:
         """Call after ``optimizer.step()``: re-applies the masks and updates every ``update_every`` steps."""
+        self._take_taps()
         if not isinstance(self.optimizer, MaskingOptimizer):  # the fused optimizers mask already
             for w in self.weights:
                 w.zero_inactive()
@@ -246,6 +302,7 @@ class SparseMomentum:
             self.update()
         if not self.schedule.epoch_update_pending(self.steps):  # end_of_epoch() opens the next window
             self._maybe_open_windows()
+        self._arm_taps()
 
     def end_of_epoch(self) -> None:
         """Call at the end of each epoch: updates the topology (unless ``update_every`` is set or the run is over)."""
@@ -254,16 +311,28 @@ class SparseMomentum:
         if self.schedule.update_every is None and self.schedule.before_end(self.steps):
             self.update()
             self._maybe_open_windows()
+        self._arm_taps()
+
+    def _window_opens(self, step: int) -> bool:
+        """Whether windows open after ``step`` (when none is open): the next update is at most
+        the growth's window length ahead, or the epoch length is still unknown (the first
+        window then spans the whole first epoch)."""
+        if not self._window_views or not self.schedule.before_end(step):
+            return False
+        if self.schedule.update_every is None and self.schedule.steps_per_epoch is None:
+            return True
+        upcoming = self.schedule.next_update(step)
+        return upcoming is not None and upcoming - step <= self.growth_method.window_length
+
+    def _window_may_open(self, step: int, may_update: bool) -> bool:
+        """Whether windows may open after ``step``: none is open, or an update may close them then."""
+        return (not self.growth_method.windows or may_update) and self._window_opens(step)
 
     def _maybe_open_windows(self) -> None:
-        if not self._window_views or self.growth_method.windows or not self.schedule.before_end(self.steps):
+        if self.growth_method.windows or not self._window_opens(self.steps):
             return
-        upcoming = self.schedule.next_update(self.steps)
-        epoch_unknown = self.schedule.update_every is None and self.schedule.steps_per_epoch is None
-        # Epoch length unknown until the first end_of_epoch(): accumulate all of it.
-        if epoch_unknown or (upcoming is not None and upcoming - self.steps <= self.options.window):
-            for w in self._window_views:
-                self.growth_method.open_window(w, self._probes.get(w.name))
+        for w in self._window_views:
+            self.growth_method.open_window(w, self._fresh(w.name))
 
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
@@ -275,11 +344,12 @@ class SparseMomentum:
         layer when its weights, momentum or growth scores hold NaN or inf, a ValueError when
         ``connectivity="floor"`` finds a layer with an output unit without an input.
         """
+        self._take_taps()
         rate = self.prune_rate()
         self.growth_method.before_update(self.weights)
         flats = [w.active_flat() for w in self.weights]
         self._check_connected(flats)
-        pools = [self.growth_method.pool(w, self._probes.get(w.name)) for w in self.weights]
+        pools = [self.growth_method.pool(w, self._fresh(w.name)) for w in self.weights]
         values = [w.active_values(f) for w, f in zip(self.weights, flats)]
         self._check_finite(values, pools)
         plan = self._plan_global if self.options.scope == "global" else self._plan_layers
@@ -297,6 +367,7 @@ class SparseMomentum:
         self.updates += 1
         self.last_update = self.steps
         self.history.extend(records)
+        self._arm_taps()
         return records
 
     def _plan_layers(self, rate, flats, values, pools):
@@ -450,6 +521,8 @@ class SparseMomentum:
         self.generator.set_state(state["generator"])
         self.schedule = schedule
         self.growth_method.windows = windows
+        self._tapped.clear()
+        self._arm_taps()
 
     def _checked_state(self, state: Dict):
         """``state`` checked entry by entry as :meth:`load_state_dict` needs it; returns the
@@ -499,7 +572,7 @@ class SparseMomentum:
             got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(f"state_dict['windows'] must map layers that keep candidate windows "
                              f"({sorted(views)}) to windows, got {got}")
-        keys = sorted(self.family.window_keys) if saved else []
+        keys = list(self.growth_method.window_keys())
         for name, entry in saved.items():
             where = f"state_dict['windows'][{name!r}]"
             flat = entry.get("flat") if isinstance(entry, dict) else None

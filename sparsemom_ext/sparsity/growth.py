@@ -8,9 +8,13 @@ update, with a :class:`GrowthPool`:
   a candidate set drawn ``window`` steps before each update, whose gradients are
   accumulated (SDDMM) into optimizer-like momentum; grown candidates start with it.
 - :class:`RandomGrowth`: SET, uniform among the inactive positions, from the engine's generator.
-- :class:`GradientGrowth`: RigL, the largest |weight gradient| of the last batch.
-- :class:`GseGrowth`: GSE, candidates drawn on the update step (uniform or GraBo), their
-  gradient of the last batch computed at the candidates only.
+- :class:`GradientGrowth`: RigL, the largest |weight gradient| of the update's step.
+- :class:`GseGrowth`: GSE, candidates drawn at the update (csr layout: one step before it;
+  uniform or GraBo), their gradient of the update's step computed at the candidates only.
+
+What a growth reads from a csr layer's batches (candidate gradients, the dense weight
+gradient, GraBo's factors) comes from its gradient tap (:mod:`.taps`), armed by the
+engine for the steps that need it (:meth:`Growth.taps_for`).
 
 A pool is chosen from with :meth:`GrowthPool.select` (layer scope) or offers its scored
 positions to :meth:`GrowthPool.scored` (global scope).
@@ -25,9 +29,8 @@ import torch
 from .. import ops
 from ..csr_structure import structure_from_flat
 from .distributed import RankGroup
-from .sampling import grabo_factors, sample_inactive
+from .sampling import sample_inactive
 from .signals import OptimizerFamily
-from .views import BatchProbe, last_batch
 
 __all__ = ["GROWTHS", "GrowthPool", "candidate_count", "keep_after_prune", "make_growth", "top_scores"]
 
@@ -140,7 +143,7 @@ class RandomPool(GrowthPool):
 class CandidateSampler:
     """Draws candidate positions among a layer's inactive ones: ``"uniform"``, or
     ``"grabo"`` (probability of (out i, in j) proportional to the summed |output gradient
-    i| times the summed |input j| of the last batch: an O(|S|) product distribution).
+    i| times the summed |input j| of a step's batches: an O(|S|) product distribution).
     Under torch.distributed the factors are summed over the ranks' batches, so every rank
     draws the same candidates from the same generator."""
 
@@ -150,57 +153,86 @@ class CandidateSampler:
     def needs_batches(self) -> bool:
         return self.sampling == "grabo"
 
-    def draw(self, view, flat: torch.Tensor, probe: Optional[BatchProbe]) -> torch.Tensor:
+    def draw(self, view, flat: torch.Tensor, tapped: Dict, before_any_batch: bool = False) -> torch.Tensor:
+        """Candidates for ``view`` (active positions ``flat``); GraBo reads the factors in
+        ``tapped``, the layer's signals of the step just made (``before_any_batch``: there is
+        none yet, the draw is uniform)."""
         count = candidate_count(self.gamma, flat.numel())
         factors = ()
-        if self.sampling == "grabo":
-            x, grad_out = last_batch(probe, view.name)
-            factors = grabo_factors(view.module, x, grad_out)
+        if self.sampling == "grabo" and not before_any_batch:
+            factors = _tapped(tapped, "factors", view, "GraBo's factors")
             self.ranks.sum_(factors)
         return sample_inactive(view.n_rows, view.n_cols, flat.cpu(), count, self.generator, *factors).to(flat.device)
 
 
+def _tapped(tapped: Dict, key: str, view, what: str):
+    """``tapped[key]``, or a RuntimeError saying why the engine does not have it."""
+    if key not in tapped:
+        raise RuntimeError(
+            f"{what} of {view.name!r} were not tapped from the step before this update: the engine taps a "
+            "layer's batches on the steps its schedule needs them (after engine.step() or end_of_epoch() "
+            "arms the next step), so update through engine.step() / end_of_epoch() with a forward and "
+            "backward pass before each step, keep steps_per_epoch true to the loop, and do not call "
+            "engine.remove_hooks() before an update")
+    return tapped[key]
+
+
 class Growth:
-    """One growth method. ``pool(view, probe)`` is its answer for a layer at an update."""
+    """One growth method. ``pool(view, tapped)`` is its answer for a layer at an update;
+    ``tapped`` holds the layer's signals from the step just made (see :meth:`taps_for`)."""
 
     name: str
 
     def __init__(self, family: Optional[OptimizerFamily], sampler: CandidateSampler, generator: torch.Generator,
-                 ranks: RankGroup):
+                 ranks: RankGroup, window: int):
         self.family, self.sampler, self.generator, self.ranks = family, sampler, generator, ranks
-        # Candidate windows, by layer name: open between a window's start and the update
-        # that consumes them (csr momentum only; the engine drives them).
+        # Candidate windows, by layer name: open from a window's start to the update that
+        # consumes them (csr momentum and gse; the engine drives them).
         self.windows: Dict[str, "CandidateWindow"] = {}
+        self.window_length = window
 
-    def keeps_last_batch(self, view) -> bool:
-        """Whether the layer's probe must keep its last batch for this growth."""
-        return False
+    def taps_for(self, view, may_update: bool, window_may_open: bool) -> Tuple[bool, bool]:
+        """``(dense, grabo)``: whether the layer's next step must tap its dense weight gradient
+        and GraBo's factors, given whether an update and whether a window opening may follow
+        it. (A layer's open window is tapped at its candidates whatever the growth.)"""
+        return False, False
 
-    def pool(self, view, probe: Optional[BatchProbe]) -> GrowthPool:
+    def pool(self, view, tapped: Dict) -> GrowthPool:
         raise NotImplementedError
-
-    def batch_gradient(self, view, probe: Optional[BatchProbe], positions: Optional[torch.Tensor] = None
-                       ) -> torch.Tensor:
-        """The weight gradient of the last batch at ``positions`` (None: dense), the same on
-        every rank: a mask-layout weight's gradient is DDP's average already, a csr layer's
-        is computed from this rank's batch and averaged here."""
-        if positions is None:
-            grad = view.dense_batch_gradient(probe)
-        else:
-            grad = view.batch_gradient_at(probe, positions)
-        if not view.dense_gradient:
-            self.ranks.mean_([grad])
-        return grad
 
     def before_update(self, views) -> None:
         """Called by the engine with its layer views after each step and before each update."""
 
     def window_layers(self, views) -> list:
-        """The views that accumulate candidate windows."""
+        """The views that keep candidate windows."""
         return []
 
-    def open_window(self, view, probe: Optional[BatchProbe]) -> None:
-        raise NotImplementedError(f"growth {self.name!r} keeps no candidate windows")
+    def window_keys(self) -> Tuple[str, ...]:
+        """The per-candidate state a window keeps (saved in the engine's state_dict)."""
+        return ()
+
+    def open_window(self, view, tapped: Dict, before_any_batch: bool = False) -> None:
+        """A new candidate set for ``view``, drawn now among its inactive positions."""
+        positions = self.sampler.draw(view, view.active_flat(), tapped, before_any_batch)
+        device = view.param.device
+        positions = positions.to(device)
+        row_ptr, col_idx = structure_from_flat(positions, view.n_rows, view.n_cols)
+        state = self.family.new_window_state(positions.numel(), view.param) if self.window_keys() else {}
+        self.windows[view.name] = CandidateWindow(positions, row_ptr, col_idx, state)
+
+    def receive(self, name: str, at: torch.Tensor) -> None:
+        """A step's gradient at the candidates of ``name``'s window (summed over its backward passes)."""
+        self.windows[name].step_gradient = at
+
+    def _window_of(self, view) -> "CandidateWindow":
+        window = self.windows.get(view.name)
+        if window is None:
+            raise RuntimeError(
+                f"growth={self.name!r} on the csr layer {view.name!r} has no candidate window open, so no training "
+                "batch has given its candidates' gradients: the engine opens a window before each update its "
+                "schedule expects (update_every / steps_per_epoch) and taps the steps in it: call engine.step() "
+                "after every optimizer step and check steps_per_epoch")
+        return window
 
     def window_state_dict(self) -> Dict:
         return {name: {"flat": w.flat.clone(), "state": {k: t.clone() for k, t in w.state.items()}}
@@ -225,45 +257,84 @@ class Growth:
 class RandomGrowth(Growth):
     name = "random"
 
-    def pool(self, view, probe):
+    def pool(self, view, tapped):
         return RandomPool(view.n_rows, view.n_cols, self.generator)
 
 
 class GradientGrowth(Growth):
+    """RigL. Mask layout: the weight's own gradient; csr layout: the dense weight gradient
+    tapped on the step before an update only, averaged over the ranks."""
+
     name = "gradient"
 
-    def keeps_last_batch(self, view):
-        return not view.dense_gradient
+    def taps_for(self, view, may_update, window_may_open):
+        return not view.dense_gradient and may_update, False
 
-    def pool(self, view, probe):
-        if view.dense_gradient and view.param.grad is None:
-            raise RuntimeError(f"growth='gradient' needs the gradient of {view.name!r}, which is None: update "
-                               "before optimizer.zero_grad()")
-        return DenseScorePool(self.batch_gradient(view, probe))
+    def pool(self, view, tapped):
+        if view.dense_gradient:
+            if view.param.grad is None:
+                raise RuntimeError(f"growth='gradient' needs the gradient of {view.name!r}, which is None: update "
+                                   "before optimizer.zero_grad()")
+            return DenseScorePool(view.param.grad)
+        grad = _tapped(tapped, "dense", view, "The dense weight gradient")
+        self.ranks.mean_([grad])
+        return DenseScorePool(grad)
 
 
 class GseGrowth(Growth):
+    """GSE. Mask layout: candidates drawn at the update, scored by the weight's own gradient
+    there. csr layout: a one-step window: the candidates are drawn after the step before the
+    update (GraBo: from that step's factors) and their gradient is tapped on the update's step."""
+
     name = "gse"
 
-    def keeps_last_batch(self, view):
-        return not view.dense_gradient or self.sampler.needs_batches()
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.window_length = 1
 
-    def pool(self, view, probe):
-        positions = self.sampler.draw(view, view.active_flat(), probe)
-        return CandidatePool(positions, self.batch_gradient(view, probe, positions))
+    def window_layers(self, views):
+        return [v for v in views if not v.dense_gradient]
+
+    def taps_for(self, view, may_update, window_may_open):
+        grabo = self.sampler.needs_batches() and (window_may_open if not view.dense_gradient else may_update)
+        return False, grabo
+
+    def before_update(self, views) -> None:
+        """Average the windows' step gradients over the ranks (one collective); each window
+        scores its candidates by the latest."""
+        pending = [w for w in self.windows.values() if w.step_gradient is not None]
+        if pending:
+            self.ranks.mean_([w.step_gradient for w in pending])
+            for window in pending:
+                window.gradient, window.step_gradient = window.step_gradient, None
+
+    def pool(self, view, tapped):
+        if view.dense_gradient:
+            positions = self.sampler.draw(view, view.active_flat(), tapped)
+            if view.param.grad is None:
+                raise RuntimeError(f"growth='gse' needs the gradient of {view.name!r}, which is None: update "
+                                   "before optimizer.zero_grad()")
+            return CandidatePool(positions, view.param.grad.reshape(-1)[positions.to(view.param.device)])
+        window = self._window_of(view)
+        if window.gradient is None:
+            raise RuntimeError(f"growth='gse' on the csr layer {view.name!r}: no backward pass went through it "
+                               "since its candidates were drawn: run a forward and backward pass before the update")
+        return CandidatePool(window.flat, window.gradient)
 
 
 @dataclass
 class CandidateWindow:
-    """One csr layer's candidate set (sorted flat indices and their CSR structure, for the
-    SDDMM), the momentum state accumulated for them, and the gradient of the current step
-    (summed over its backward passes; folded into the state once per step)."""
+    """One csr layer's candidate set (sorted flat indices and their CSR structure, which its
+    tap computes gradients at), the momentum state accumulated for them (csr momentum), the
+    gradient of the current step (summed over its backward passes) and, for gse, the last
+    step's gradient."""
 
     flat: torch.Tensor
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
     state: Dict[str, torch.Tensor]
     step_gradient: Optional[torch.Tensor] = None
+    gradient: Optional[torch.Tensor] = None
 
 
 class MomentumGrowth(Growth):
@@ -274,40 +345,17 @@ class MomentumGrowth(Growth):
     def window_layers(self, views):
         return [v for v in views if not v.dense_gradient]
 
-    def keeps_last_batch(self, view):
-        return not view.dense_gradient and self.sampler.needs_batches()
+    def window_keys(self):
+        return tuple(sorted(self.family.window_keys))
 
-    def pool(self, view, probe):
+    def taps_for(self, view, may_update, window_may_open):
+        return False, not view.dense_gradient and self.sampler.needs_batches() and window_may_open
+
+    def pool(self, view, tapped):
         if view.dense_gradient:
             return DenseScorePool(self.family.momentum(view.param, view.name))
-        window = self.windows.get(view.name)
-        if window is None:
-            raise RuntimeError(
-                f"growth='momentum' on the csr layer {view.name!r} has no candidate window open: the engine "
-                "opens it `window` steps before each update it expects (update_every / steps_per_epoch): call "
-                "engine.step() after every optimizer step and check steps_per_epoch")
+        window = self._window_of(view)
         return CandidatePool(window.flat, self.family.window_signal(window.state, view.param), window.state)
-
-    def open_window(self, view, probe: Optional[BatchProbe]) -> None:
-        positions = self.sampler.draw(view, view.active_flat(), probe)
-        device = view.param.device
-        positions = positions.to(device)
-        row_ptr, col_idx = structure_from_flat(positions, view.n_rows, view.n_cols)
-        self.windows[view.name] = CandidateWindow(positions, row_ptr, col_idx,
-                                                  self.family.new_window_state(positions.numel(), view.param))
-
-    @torch.no_grad()
-    def accumulate(self, view, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """Backward hook of a csr layer: the candidates' gradient (the layer's SDDMM at the
-        window's structure), summed over the step's backward passes as the weights' gradients are."""
-        window = self.windows.get(view.name)
-        if window is None:
-            return
-        grad = view.module.batch_weight_grad_at(x, grad_out, window.row_ptr, window.col_idx)
-        if window.step_gradient is None:
-            window.step_gradient = grad
-        else:
-            window.step_gradient += grad
 
     @torch.no_grad()
     def before_update(self, views) -> None:
@@ -326,5 +374,5 @@ class MomentumGrowth(Growth):
 GROWTHS = {cls.name: cls for cls in (MomentumGrowth, RandomGrowth, GradientGrowth, GseGrowth)}
 
 
-def make_growth(name: str, family, sampler, generator, ranks: RankGroup) -> Growth:
-    return GROWTHS[name](family, sampler, generator, ranks)
+def make_growth(name: str, family, sampler, generator, ranks: RankGroup, window: int) -> Growth:
+    return GROWTHS[name](family, sampler, generator, ranks, window)

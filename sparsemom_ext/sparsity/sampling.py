@@ -71,8 +71,9 @@ def sample_inactive(n_rows: int, n_cols: int, active_flat: torch.Tensor, count: 
 
     Cost: rejection sampling, O(count + nnz) while the request is at most half of the
     eligible inactive positions (always the case for GSE's candidate sets at densities up
-    to 1/3). A larger request enumerates the eligible positions instead, which is
-    O(n_rows x n_cols): only nearly dense layers get there.
+    to 1/3) and the weights are not too skewed. A larger request, or a skew that would need
+    more draws than the layer has positions, enumerates the eligible positions instead,
+    which is O(n_rows x n_cols).
     """
     active_flat = active_flat.to("cpu", torch.int64)
     weighted = row_weights is not None or col_weights is not None
@@ -106,16 +107,28 @@ def sample_inactive(n_rows: int, n_cols: int, active_flat: torch.Tensor, count: 
     if 2 * count > eligible:
         return _sample_by_enumeration(n_rows, n_cols, active_flat, count, generator, row_weights, col_weights)
     chosen = torch.zeros(0, dtype=torch.int64)
+    # The first round: a draw lands on an inactive position with probability free_fraction;
+    # 10% more covers repeats while the request is small against the eligible positions.
+    yield_per_draw = max(free_fraction, 1e-3)
     while chosen.numel() < count:
-        # About enough draws for one round: a draw lands on an inactive position with
-        # probability free_fraction; 10% more covers repeats while the request stays
-        # small against the eligible positions, and a short second round the rest.
         wanted = count - chosen.numel()
-        n = int(math.ceil(1.1 * wanted / max(free_fraction, 1e-3))) + 64
+        n = int(math.ceil(1.1 * wanted / yield_per_draw)) + 64
+        if n > n_rows * n_cols:
+            # A skewed GraBo distribution keeps redrawing its heavy positions: when a round
+            # would draw more than the layer has positions, enumerating them costs less (in
+            # time and memory) and gives the same law, the chosen ones excluded.
+            taken = torch.cat([active_flat, chosen]).sort().values
+            rest = _sample_by_enumeration(n_rows, n_cols, taken, wanted, generator, row_weights, col_weights)
+            return torch.cat([chosen, rest]).sort().values
         draws = _draw(row_weights, n_rows, n, generator).mul_(n_cols).add_(_draw(col_weights, n_cols, n, generator))
         # The ones chosen in earlier rounds come first: all of them stay.
+        before = chosen.numel()
         chosen = _first_new_inactive(torch.cat([chosen, draws]), active_flat, count)
         del draws
+        # Size the next round by this one's yield of new positions per draw, which falls as
+        # the heavy positions are taken (a skewed distribution took 535 rounds at the
+        # first round's rate for 9400 candidates of a 300 x 784 layer).
+        yield_per_draw = max(chosen.numel() - before, 1) / n
     return chosen
 
 

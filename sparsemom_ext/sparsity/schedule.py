@@ -88,6 +88,14 @@ class PruneSchedule:
         return (self.update_every is None and self.steps_per_epoch is not None
                 and step % self.steps_per_epoch == 0 and self.before_end(step))
 
+    def may_update_at(self, step: int) -> bool:
+        """Whether ``step()`` at ``step``, or the ``end_of_epoch()`` after it, may update: by
+        the schedule, or (True) while the epoch length is not known yet."""
+        if not self.before_end(step):
+            return False
+        period = self.update_every or self.steps_per_epoch
+        return period is None or step % period == 0
+
     def next_update(self, step: int) -> Optional[int]:
         """The step of the next update after ``step``, or None (unknown, or past the end)."""
         period = self.update_every or self.steps_per_epoch

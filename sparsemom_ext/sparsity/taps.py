@@ -1,27 +1,25 @@
 """Gradient taps: what the engine reads from a layer's backward passes, as autograd gradients.
 
-A layer's growth signals are functions of its input ``x`` and output gradient ``grad_out``
-(the candidates' gradients, the dense weight gradient, GraBo's factors). A
-:class:`GradientTap` set on a layer (``layer.gradient_tap``; None when no signal is wanted)
-puts a differentiable identity on the layer's output whose backward computes them with
-the layer's own batch computations and hands them to autograd as the gradients of
-leaf tensors the tap owns (plain tensors with ``requires_grad``, not Parameters:
-optimizers and DDP never see them). Nothing is kept from the backward pass and there is
-no hook, so torch.compile captures it (``fullgraph=True`` included): a graph per tap
-state, which the engine keeps to a few.
+A layer's growth signals are functions of its input ``x`` and output gradient ``grad_out``:
+the gradients at a candidate set (a csr layer's SDDMM), the dense weight gradient (RigL
+in the csr layout) and GraBo's factors. The engine gives each layer that may need them a
+:class:`GradientTap` (``layer.gradient_tap``) and, after every ``step()``, arms it with
+what the next step needs. An armed tap puts a differentiable identity on the layer's
+output whose backward computes the armed signals with the layer's own batch
+computations and hands them to autograd as the gradients of leaf tensors the tap owns
+(plain tensors with ``requires_grad``, not Parameters: optimizers and DDP never see
+them). Nothing is kept from the backward pass and there is no hook, so torch.compile
+captures it, ``fullgraph=True`` included: one graph per combination of armed signals
+(at most three per growth method) once the candidate count has become symbolic.
 
 Autograd accumulates into the leaves' ``.grad``: with several backward passes per
-optimizer step (gradient accumulation) each signal is the sum over them, as a weight's
-gradient is. That is the candidates' gradient of the step for a momentum window; for
-the signals that were "of the last batch" (GSE's and RigL's gradient, GraBo's factors) it
-is the sum over the backward passes since the last ``engine.step()``.
+optimizer step (gradient accumulation) each signal is their sum, as a weight's gradient is.
 """
 
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..nn.csr_layout import CsrLayer
 from .sampling import grabo_factors
 
 __all__ = ["GradientTap"]
@@ -33,9 +31,9 @@ def _leaf(like: torch.Tensor, shape) -> torch.Tensor:
 
 
 class _Tap(torch.autograd.Function):
-    """The identity on ``output`` (in place: marked dirty, no copy, and a later in-place op on
-    the output, ReLU(inplace=True), is allowed); its backward returns the tap's signals as
-    the gradients of its leaves."""
+    """The identity on ``output`` (in place: marked dirty, no copy, so a later in-place op on
+    the output, ReLU(inplace=True), is allowed); its backward returns the armed signals as
+    the gradients of the tap's leaves."""
 
     @staticmethod
     def forward(ctx, output, x, row_ptr, col_idx, at, dense, rows, cols, tap):
@@ -49,47 +47,67 @@ class _Tap(torch.autograd.Function):
         x, row_ptr, col_idx = ctx.saved_tensors
         tap = ctx.tap
         layer = tap.layer
+        # Under autocast the batch may be in a lower precision than the leaves.
+        dtype = tap.dtype
+        xs, gs = x.to(dtype), grad.to(dtype)
         at = dense = rows = cols = None
         if tap.at is not None:
-            at = layer.batch_weight_grad_at(x, grad, row_ptr, col_idx)
+            at = layer.batch_weight_grad_at(xs, gs, row_ptr, col_idx)
         if tap.dense is not None:
-            dense = layer.batch_dense_weight_grad(x, grad)
+            dense = layer.batch_dense_weight_grad(xs, gs)
         if tap.rows is not None:
-            rows, cols = grabo_factors(layer, x, grad)
+            rows, cols = grabo_factors(layer, xs, gs)
         return grad, None, None, None, at, dense, rows, cols, None
 
 
 class GradientTap:
-    """The signals wanted from one layer's backward passes, and the leaves that receive them.
+    """One layer's tap: what the engine armed it with, and the leaves that receive it.
 
-    ``structure``: ``(row_ptr, col_idx)`` of candidate positions whose weight gradient is
-    wanted (a csr layer's SDDMM there; leaf ``at``, one entry per position); ``dense``: the
-    dense ``(n_rows, n_cols)`` weight gradient (a csr layer's); ``grabo``: GraBo's factors
-    (leaves ``rows`` and ``cols``). Call it with the layer's input and output: the output,
-    tapped when grad is enabled and it requires grad (evaluation batches are not seen).
+    ``layer`` computes the signals (``batch_weight_grad_at`` and ``batch_dense_weight_grad``
+    for a csr layer; GraBo's factors for any sparse layer); ``n_rows x n_cols`` is its weight
+    matrix and ``like`` gives dtype and device. The layer calls the tap with its input and
+    output: the output comes back tapped when something is armed, grad is enabled and it
+    requires grad (evaluation batches are not seen), else untouched.
     """
 
-    def __init__(self, layer: torch.nn.Module, n_rows: int, n_cols: int, like: torch.Tensor,
-                 structure: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, dense: bool = False,
-                 grabo: bool = False):
-        if (structure is not None or dense) and not isinstance(layer, CsrLayer):
-            raise ValueError("only a csr layer computes candidate or dense weight gradients from its batches")
-        self.layer = layer
+    def __init__(self, layer: torch.nn.Module, n_rows: int, n_cols: int, like: torch.Tensor):
+        self.layer, self.n_rows, self.n_cols = layer, n_rows, n_cols
+        self.dtype, self._like = like.dtype, like
+        self.structure: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.at = self.dense = self.rows = self.cols = None
+
+    def arm(self, structure: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, dense: bool = False,
+            grabo: bool = False) -> None:
+        """What the following backward passes hand over: the weight gradient at the positions of
+        ``structure`` (``(row_ptr, col_idx)``), the dense weight gradient, GraBo's factors.
+        Leaves of an unchanged request are kept (a compiled graph keeps its inputs' shapes)."""
+        if structure is None:
+            self.at = None
+        elif self.structure is None or structure[1] is not self.structure[1] or self.at is None:
+            self.at = _leaf(self._like, (structure[1].numel(),))
         self.structure = structure
-        self.at = _leaf(like, (structure[1].numel(),)) if structure is not None else None
-        self.dense = _leaf(like, (n_rows, n_cols)) if dense else None
-        self.rows = _leaf(like, (n_rows,)) if grabo else None
-        self.cols = _leaf(like, (n_cols,)) if grabo else None
+        self.dense = (self.dense if self.dense is not None else _leaf(self._like, (self.n_rows, self.n_cols))
+                      ) if dense else None
+        if grabo:
+            if self.rows is None:
+                self.rows, self.cols = _leaf(self._like, (self.n_rows,)), _leaf(self._like, (self.n_cols,))
+        else:
+            self.rows = self.cols = None
+
+    @property
+    def armed(self) -> bool:
+        return self.at is not None or self.dense is not None or self.rows is not None
 
     def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (self.armed and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.requires_grad):
             return output
         row_ptr, col_idx = self.structure if self.structure is not None else (None, None)
         return _Tap.apply(output, x.detach(), row_ptr, col_idx, self.at, self.dense, self.rows, self.cols, self)
 
     def take(self) -> Dict[str, object]:
         """The signals received since the last call (``"at"``, ``"dense"``, ``"factors"``; only
-        those of a backward pass), leaving the leaves empty for the next ones."""
+        those a backward pass delivered), leaving the leaves empty for the next ones."""
         got = {}
         if self.at is not None and self.at.grad is not None:
             got["at"] = self.at.grad

@@ -1,4 +1,4 @@
-"""The engine's view of one sparse layer, in either layout, and the probe that sees its batches.
+"""The engine's view of one sparse layer, in either layout.
 
 A view addresses the layer's weight as an ``(n_rows, n_cols)`` matrix by flat index
 ``row * n_cols + col`` (a conv's columns are its unfolded patch entries) and exposes
@@ -7,91 +7,31 @@ what a topology update needs, the same for both layouts:
 - ``active_flat()`` / ``active_values(flat)`` / ``at_active(tensor, flat)``: what is
   active now (sorted flat indices, the weights, a per-weight tensor such as a momentum
   buffer, at those positions);
-- ``batch_gradient_at(probe, positions)``, and for dense-score growth
-  ``dense_batch_gradient(probe)``: the weight gradient of the last batch;
 - ``commit(plan, optimizer_state)``: install the new topology.
 
 :class:`MaskView` wraps a dense weight with an attached bool mask (SparseLinear,
 SparseConv2d, or any parameter given a mask); :class:`CsrView` a csr layer
 (:class:`~sparsemom_ext.nn.CsrLinear`, :class:`~sparsemom_ext.nn.CsrConv2d`) through its
-public structure API, the batch computations included (the layer knows how its weight
-gradient is formed: an SDDMM for a linear layer, the conv's SDDMM for a conv).
+public structure API. What growth reads from a csr layer's batches comes from its
+gradient tap (:mod:`.taps`), computed by the layer itself.
 """
 
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from .. import ops
-from ..csr_structure import Relayout, structure_from_flat
+from ..csr_structure import Relayout
 from ..nn.csr_layout import CsrLayer
 from .masks import mask_of
 
-__all__ = ["BatchProbe", "CsrView", "MaskView", "find_views", "last_batch"]
-
-
-class BatchProbe:
-    """Forward hook + output-gradient hook on one layer.
-
-    Keeps the last training batch's input and output gradient (references, no copy:
-    O(batch x width) memory) in ``last`` and calls ``on_batch(x, grad_out)`` for each
-    backward through the layer. Batches run without grad (evaluation) are not seen.
-
-    torch.compile cannot capture the hook (it keeps tensors from the backward pass): a
-    compiled model breaks its graph at each probed layer and runs the hook eagerly, and
-    ``fullgraph=True`` fails with the reason below.
-    """
-
-    def __init__(self, module: torch.nn.Module, keep_last: bool, name: str = "",
-                 on_batch: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None):
-        self.keep_last = keep_last
-        self.on_batch = on_batch
-        self.last = None
-        hook = torch.compiler.disable(self._forward_hook, reason=(
-            f"the sparse-training engine reads the batches of {name!r} through a hook torch.compile cannot "
-            "capture (growth 'momentum', 'gradient' or 'gse' in the csr layout, or sampling='grabo'): compile "
-            "without fullgraph=True (the graph breaks at that layer), or use growth='random' or the mask layout "
-            "with sampling='uniform'"))
-        self._handle = module.register_forward_hook(hook)
-
-    def _forward_hook(self, module, inputs, output):
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
-        x = inputs[0].detach()
-        shape = output.shape
-        # A layer's output may be a reshape of its op's result (a csr linear on 3-D input, a
-        # csr conv's contiguous output): an autograd view. A hook on a view is lost when the
-        # next module modifies it in place (ReLU(inplace=True)), so it goes on the result the
-        # view reshapes, whose gradient is the output's gradient reshaped.
-        base = output._base
-        target = base if base is not None and base.grad_fn is not None and base.numel() == output.numel() else output
-
-        def on_grad(grad):
-            grad_out = grad.detach().reshape(shape)
-            if self.keep_last:
-                self.last = (x, grad_out)
-            if self.on_batch is not None:
-                self.on_batch(x, grad_out)
-
-        target.register_hook(on_grad)
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self.last = None
-
-
-def last_batch(probe: Optional[BatchProbe], name: str):
-    """The probe's last ``(input, output gradient)``, or a RuntimeError saying what is missing."""
-    if probe is None or probe.last is None:
-        raise RuntimeError(f"no training batch has gone through {name!r} since the engine was built (or its "
-                           "hooks were removed): run a forward and backward pass before the update")
-    return probe.last
+__all__ = ["CsrView", "MaskView", "find_views"]
 
 
 class MaskView:
     """A dense weight Parameter and its attached bool mask (updated in place).
 
-    The weight gradient is dense in this layout, so growth reads it directly (no probe).
+    The weight gradient is dense in this layout, so growth reads it directly.
     """
 
     dense_gradient = True
@@ -121,14 +61,6 @@ class MaskView:
     def at_active(self, tensor: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the weight's shape) at the active positions ``flat``."""
         return tensor.reshape(-1)[flat]
-
-    def batch_gradient_at(self, probe, positions: torch.Tensor) -> torch.Tensor:
-        return self.dense_batch_gradient(probe).reshape(-1)[positions.to(self.param.device)]
-
-    def dense_batch_gradient(self, probe) -> torch.Tensor:
-        if self.param.grad is None:
-            raise RuntimeError(f"the gradient of {self.name!r} is None: update before optimizer.zero_grad()")
-        return self.param.grad
 
     @torch.no_grad()
     def commit(self, plan: Relayout, optimizer_state: Dict, grown_state: Optional[Dict[str, torch.Tensor]]) -> None:
@@ -196,18 +128,6 @@ class CsrView:
     def at_active(self, tensor: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """``tensor`` (one entry per value slot) at the active slots."""
         return tensor[: self.module.nnz]
-
-    def batch_gradient_at(self, probe, positions: torch.Tensor) -> torch.Tensor:
-        """The last batch's weight gradient at the flat ``positions`` (sorted), computed there only."""
-        x, grad_out = last_batch(probe, self.name)
-        row_ptr, col_idx = structure_from_flat(positions.to(x.device), self.n_rows, self.n_cols)
-        return self.module.batch_weight_grad_at(x, grad_out, row_ptr, col_idx)
-
-    def dense_batch_gradient(self, probe) -> torch.Tensor:
-        """RigL's signal: the dense ``(n_rows, n_cols)`` weight gradient of the probe's last batch
-        (made on the update step only)."""
-        x, grad_out = last_batch(probe, self.name)
-        return self.module.batch_dense_weight_grad(x, grad_out)
 
     def commit(self, plan: Relayout, optimizer_state: Dict, grown_state: Optional[Dict[str, torch.Tensor]]) -> None:
         """Re-lay out ``values`` and every per-weight tensor of its optimizer state by ``plan``:
