@@ -137,6 +137,33 @@ def test_jit_trace_equals_eager(layout):
                                model(torch.randn(8, 256, generator=seeded(3))), rtol=1e-5, atol=1e-6)
 
 
+def test_export_and_trace_in_the_middle_of_training_leave_the_engines_taps_out():
+    # A user exports (or traces) the model between training steps, the momentum window open
+    # and its layers' taps armed: the graph is the model's alone, and training goes on.
+    model = wide_mlp("csr")
+    optimizer, engine = trainer(model, "momentum")
+    data = seeded(5)
+    for _ in range(2):
+        x, y = mlp_batch(data)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        engine.step()
+    assert engine.growth_method.windows and all(m.gradient_tap.armed for m in model if hasattr(m, "values"))
+    x = torch.randn(8, 256, generator=seeded(2))
+    expected = model(x)
+    program = torch.export.export(model, (x,))
+    assert "_Tap" not in str(program.graph_module.code)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.jit.trace(model, (x,))(x), expected, rtol=1e-5, atol=1e-6)
+    x, y = mlp_batch(data)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    engine.step()
+    assert engine.updates == 1
+
+
 # ---------------------------------------------------------------- autocast
 @pytest.mark.parametrize("layout", ["mask", "csr"])
 def test_autocast_bf16_training_step(layout):

@@ -67,7 +67,8 @@ class GradientTap:
     for a csr layer; GraBo's factors for any sparse layer); ``n_rows x n_cols`` is its weight
     matrix and ``like`` gives dtype and device. The layer calls the tap with its input and
     output: the output comes back tapped when something is armed, grad is enabled and it
-    requires grad (evaluation batches are not seen), else untouched.
+    requires grad (evaluation batches are not seen), else untouched; ``torch.jit.trace`` and
+    ``torch.export`` never see a tap.
     """
 
     def __init__(self, layer: torch.nn.Module, n_rows: int, n_cols: int, like: torch.Tensor):
@@ -102,6 +103,8 @@ class GradientTap:
         if not (self.armed and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                 and output.requires_grad):
             return output
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return output  # a traced or exported graph is the model's, without the engine's leaves
         row_ptr, col_idx = self.structure if self.structure is not None else (None, None)
         return _Tap.apply(output, x.detach(), row_ptr, col_idx, self.at, self.dense, self.rows, self.cols, self)
 
