@@ -165,18 +165,24 @@ def test_export_and_trace_in_the_middle_of_training_leave_the_engines_taps_out()
 
 
 # ---------------------------------------------------------------- autocast
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["mask", "csr"])
-def test_autocast_bf16_training_step(layout):
-    model = wide_mlp(layout, density=0.1)
+def test_autocast_training_steps(layout, dtype, device):
+    model = wide_mlp(layout, density=0.1).to(device)
     reference = copy.deepcopy(model)
-    optimizer, engine = trainer(model, "gse")  # its taps read the bfloat16 batches of steps 2 and 3
-    x, y = torch.randn(16, 256, generator=seeded(4)), torch.randint(0, 10, (16,), generator=seeded(4))
+    optimizer, engine = trainer(model, "gse")  # its taps read the low-precision batches of steps 2 and 3
+    x = torch.randn(16, 256, generator=seeded(4)).to(device)
+    y = torch.randint(0, 10, (16,), generator=seeded(4)).to(device)
     for step in range(3):
         optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = model(x)
             loss = nn.functional.cross_entropy(out, y)
-        assert out.dtype == torch.bfloat16  # as nn.Linear gives under autocast
+        assert out.dtype == dtype  # as nn.Linear gives under autocast
         loss.backward()
         sparse = [p for p in model.parameters() if p.grad is not None]
         assert sparse and all(p.grad.dtype == torch.float32 for p in sparse)  # the parameters stay float32
@@ -185,6 +191,7 @@ def test_autocast_bf16_training_step(layout):
         optimizer.step()
         engine.step()
     assert engine.updates == 1 and sum(r.grown for r in engine.history) > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_autocast_csr_linear_accumulates_in_float32():
