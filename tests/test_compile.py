@@ -22,6 +22,13 @@ from conftest import seeded
 GRAPHS = 6
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Compiled code is counted per code object (nn.Sequential.forward) against dynamo's
+    # recompile limit across the whole process; each test starts from none.
+    torch._dynamo.reset()
+
+
 def wide_mlp(layout, density=0.05):
     # 256 x 512: large and sparse enough that the mask layout's backend="auto" runs the
     # sparse kernels in eager mode, so the compiled graph's dense path is compared to them.
@@ -59,7 +66,6 @@ def train_side_by_side(layout, growth, steps=13, make_model=wide_mlp, make_batch
     compiled = copy.deepcopy(eager)
     runs = [(eager, eager, *trainer(eager, growth, sampling)),
             (compiled, torch.compile(compiled, **compile_args), *trainer(compiled, growth, sampling))]
-    torch._dynamo.reset()
     counters.clear()
     data = seeded(5)
     loss_fn = nn.CrossEntropyLoss()
@@ -226,7 +232,6 @@ def test_double_backward_is_refused_clearly(layout):
 def test_two_compiled_models_of_one_class_each_tap_their_own_layers():
     # Compiled code is shared by models of one class: each model's taps (armed differently
     # by different growths) must be its own, never another model's baked into a graph.
-    torch._dynamo.reset()
     pairs = []
     for growth in ("momentum", "gradient"):
         eager = wide_mlp("csr")

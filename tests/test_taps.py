@@ -16,6 +16,13 @@ from sparsemom_ext.sparsity.taps import GradientTap
 from conftest import seeded
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Compiled code is counted per code object (nn.Sequential.forward) against dynamo's
+    # recompile limit across the whole process; each test starts from none.
+    torch._dynamo.reset()
+
+
 def csr_linear():
     return sm.CsrLinear(32, 16, density=0.3, generator=seeded(0)), torch.randn(4, 32, generator=seeded(1))
 
