@@ -158,6 +158,9 @@ def grabo_factors(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tens
     if isinstance(module, torch.nn.Conv2d):
         if module.groups != 1:
             raise ValueError(f"GraBo sampling needs groups=1 convolutions, got groups={module.groups}")
+        # Unfolding and padding are linear maps of each image, so they commute with the sum
+        # over the batch: one image's worth of patches is unfolded, not the batch's.
+        x = x.abs().sum(0, keepdim=True)
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             padding = module._reversed_padding_repeated_twice
             x = torch.nn.functional.pad(x, padding, mode="constant" if module.padding_mode == "zeros"
@@ -165,7 +168,7 @@ def grabo_factors(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tens
             pad = 0
         else:
             pad = module.padding
-        patches = torch.nn.functional.unfold(x.abs(), module.kernel_size, module.dilation, pad, module.stride)
+        patches = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, pad, module.stride)
         return grad_out.abs().sum(dim=(0, 2, 3)), patches.sum(dim=(0, 2))
     x = x.reshape(-1, x.shape[-1])
     grad_out = grad_out.reshape(-1, grad_out.shape[-1])
