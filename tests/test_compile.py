@@ -15,11 +15,11 @@ import sparsemom_ext as sm
 
 from conftest import seeded
 
-# Growths that read batches arm their layers' taps with two combinations of signals (GraBo's
-# factors, with or without the open window's candidates; RigL: nothing or its dense gradient),
-# each compiled once with static sizes and once with symbolic ones after the first topology
-# change; no more however many updates follow (the tests run 8).
-GRAPHS = 4
+# Growths that read batches arm their layers' taps with three combinations of signals (none;
+# GraBo's factors or RigL's dense gradient; the open window's candidates), each compiled once
+# with static sizes and once with symbolic ones after the first topology change; no more
+# however many updates follow (the tests run 8).
+GRAPHS = 6
 
 
 @pytest.fixture(autouse=True)

@@ -227,7 +227,7 @@ class SparseMomentum:
     def _add_taps(self) -> None:
         """A gradient tap on each layer whose growth signal comes from its batches."""
         for w in self.weights:
-            wanted = w in self._window_views or any(self.growth_method.taps_for(w, True))
+            wanted = w in self._window_views or any(self.growth_method.taps_for(w, True, True))
             if not wanted:
                 continue
             if not hasattr(type(w.module), "gradient_tap"):
@@ -241,16 +241,18 @@ class SparseMomentum:
 
     def _arm_taps(self) -> None:
         """Arm each tap with what the next step must deliver: the open window's candidate
-        gradients, GraBo's factors, and RigL's dense gradient when an update may follow that
-        step (every step while the epoch length is unknown)."""
+        gradients, and the dense gradient or GraBo's factors when an update or a window
+        opening may follow that step (every step while the epoch length is unknown)."""
         if not self._taps:
             return
-        may_update = self.schedule.may_update_at(self.steps + 1)
+        upcoming = self.steps + 1
+        may_update = self.schedule.may_update_at(upcoming)
+        window_may_open = self._window_may_open(upcoming, may_update)
         for w in self.weights:
             tap = self._taps.get(w.name)
             if tap is None:
                 continue
-            dense, grabo = self.growth_method.taps_for(w, may_update)
+            dense, grabo = self.growth_method.taps_for(w, may_update, window_may_open)
             window = self.growth_method.windows.get(w.name)
             tap.arm(None if window is None else (window.row_ptr, window.col_idx), dense, grabo)
 
@@ -321,6 +323,10 @@ class SparseMomentum:
             return True
         upcoming = self.schedule.next_update(step)
         return upcoming is not None and upcoming - step <= self.growth_method.window_length
+
+    def _window_may_open(self, step: int, may_update: bool) -> bool:
+        """Whether windows may open after ``step``: none is open, or an update may close them then."""
+        return (not self.growth_method.windows or may_update) and self._window_opens(step)
 
     def _maybe_open_windows(self) -> None:
         if self.growth_method.windows or not self._window_opens(self.steps):

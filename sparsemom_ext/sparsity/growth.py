@@ -191,12 +191,10 @@ class Growth:
         self.windows: Dict[str, "CandidateWindow"] = {}
         self.window_length = window
 
-    def taps_for(self, view, may_update: bool) -> Tuple[bool, bool]:
+    def taps_for(self, view, may_update: bool, window_may_open: bool) -> Tuple[bool, bool]:
         """``(dense, grabo)``: whether the layer's next step must tap its dense weight gradient
-        and GraBo's factors, given whether an update may follow it. (A layer's open window is
-        tapped at its candidates whatever the growth.) A csr layer's factors are tapped every
-        step: they cost an O(batch x (n_rows + n_cols)) sum, and a tap armed the same way at
-        every step keeps a compiled model to fewer graphs (one combination of signals less)."""
+        and GraBo's factors, given whether an update and whether a window opening may follow
+        it. (A layer's open window is tapped at its candidates whatever the growth.)"""
         return False, False
 
     def pool(self, view, tapped: Dict) -> GrowthPool:
@@ -269,7 +267,7 @@ class GradientGrowth(Growth):
 
     name = "gradient"
 
-    def taps_for(self, view, may_update):
+    def taps_for(self, view, may_update, window_may_open):
         return not view.dense_gradient and may_update, False
 
     def pool(self, view, tapped):
@@ -297,9 +295,9 @@ class GseGrowth(Growth):
     def window_layers(self, views):
         return [v for v in views if not v.dense_gradient]
 
-    def taps_for(self, view, may_update):
-        # The mask layout draws at the update only, from that step's factors.
-        return False, self.sampler.needs_batches() and (may_update or not view.dense_gradient)
+    def taps_for(self, view, may_update, window_may_open):
+        grabo = self.sampler.needs_batches() and (window_may_open if not view.dense_gradient else may_update)
+        return False, grabo
 
     def before_update(self, views) -> None:
         """Average the windows' step gradients over the ranks (one collective); each window
@@ -350,8 +348,8 @@ class MomentumGrowth(Growth):
     def window_keys(self):
         return tuple(sorted(self.family.window_keys))
 
-    def taps_for(self, view, may_update):
-        return False, not view.dense_gradient and self.sampler.needs_batches()
+    def taps_for(self, view, may_update, window_may_open):
+        return False, not view.dense_gradient and self.sampler.needs_batches() and window_may_open
 
     def pool(self, view, tapped):
         if view.dense_gradient:

@@ -10,7 +10,7 @@ computations and hands them to autograd as the gradients of leaf tensors the tap
 (plain tensors with ``requires_grad``, not Parameters: optimizers and DDP never see
 them). Nothing is kept from the backward pass and there is no hook, so torch.compile
 captures it, ``fullgraph=True`` included: one graph per combination of armed signals
-(two per growth method) once the candidate count has become symbolic.
+(at most three per growth method) once the candidate count has become symbolic.
 
 Autograd accumulates into the leaves' ``.grad``: with several backward passes per
 optimizer step (gradient accumulation) each signal is their sum, as a weight's gradient is.
