@@ -1,7 +1,8 @@
 """The connectivity rule (docs/algorithms.md, section 5): under ``connectivity="floor"`` no
 output unit of a sparse layer is left without an input, by ``sparsify`` or by any update;
 ``"reference"`` is the reference code's behaviour. The issue's small network, the parts
-(floor_counts, connect_rows, protected_active) against their definitions, and the errors."""
+(floor_counts, connect_rows, best_per_row, the growths' row picks) against their definitions,
+and the errors."""
 
 import math
 
@@ -13,7 +14,8 @@ from torch import nn
 
 import sparsemom_ext as sm
 from sparsemom_ext import SparseMomentum
-from sparsemom_ext.sparsity.connectivity import connect_rows, floor_counts, protected_active
+from sparsemom_ext.sparsity.connectivity import best_per_row, connect_rows, floor_counts
+from sparsemom_ext.sparsity.growth import CandidatePool, DenseScorePool, RandomPool
 from sparsemom_ext.sparsity.init import layer_counts, random_mask
 
 from conftest import mlp, rows_without_input, seeded, train_steps
@@ -74,28 +76,59 @@ def test_the_issues_network_disconnects_at_the_reference_and_not_with_the_rule()
                 assert empty == 0 and nnz >= layer.out_features, (layout, counts)
 
 
-@pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("growth", ["momentum", "gradient", "gse"])
-def test_rate_one_keeps_each_units_largest_weight_in_both_layouts(scope, growth):
-    """Prune rate 1 asks every layer for all its weights: the rule keeps each row's largest."""
+def row_signal(layer, growth, opt):
+    """What mask-layout growth ranks a layer's positions by: its momentum or its gradient."""
+    weight = layer.weight
+    return (opt.state[weight]["momentum_buffer"] if growth == "momentum" else weight.grad).detach().clone()
+
+
+@pytest.mark.parametrize("scope,growth", [(scope, growth) for scope in ("layer", "global")
+                                           for growth in ("momentum", "gradient", "gse", "random")
+                                           if (scope, growth) != ("global", "random")])  # random has no scores
+def test_rate_one_regrows_each_emptied_unit_from_its_own_row_in_both_layouts(scope, growth):
+    """Prune rate 1 empties every row: each regrows one weight of its own row, the budget stays exact."""
     for layout in ("mask", "csr"):
         model = issue_network("floor", layout, seed=1)
         layers = sparse_layers(model)
         opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         engine = SparseMomentum(model, opt, prune_rate=1.0, decay="constant", growth=growth, scope=scope)
         train_steps(model, opt, engine, steps=2)
-        before = [(layer.mask.clone(), layer.dense_weight()) for layer in layers]
+        before = [(layer.mask.clone(), layer.dense_weight().detach().clone()) for layer in layers]
+        signals = ([row_signal(layer, growth, opt) for layer in layers]
+                   if layout == "mask" and growth in ("momentum", "gradient") else None)
         engine.update()
-        for layer, record, (mask, weight) in zip(layers, engine.history, before):
-            flat = mask.reshape(-1).nonzero().reshape(-1)
-            kept = flat[protected_active(flat, weight.reshape(-1)[flat], mask.shape[1])]
-            assert kept.numel() == layer.out_features  # one per unit
-            assert bool(layer.mask.reshape(-1)[kept].all()), (layout, layer)  # never pruned
-            assert record.pruned <= int(mask.sum()) - layer.out_features
-            if growth != "gse":  # gse prunes at most its candidates, which may be fewer
-                assert record.pruned == int(mask.sum()) - layer.out_features
-            assert rows_without_input(layer.mask) == 0
-        assert sum(layer.nnz for layer in layers) == 21
+        assert sum(layer.nnz for layer in layers) == 21, layout
+        for i, (layer, (mask, weight)) in enumerate(zip(layers, before)):
+            new, value = layer.mask, layer.dense_weight().detach()
+            assert rows_without_input(new) == 0 and layer.nnz >= layer.out_features, (layout, growth, i)
+            if signals is not None:  # the row's largest |signal| is back (a pruned weight regrown keeps its value)
+                best = signals[i].abs().argmax(dim=1)
+                assert bool(new[torch.arange(new.shape[0]), best].all()), (layout, growth, i)
+            else:  # a new weight (grown at zero), or, where the row had no candidate, its largest weight kept
+                for r in range(new.shape[0]):
+                    fresh = new[r] & ~mask[r]
+                    largest = int(torch.where(mask[r], weight[r].abs(), -1.0).argmax())
+                    assert bool(fresh.any()) or (new[r, largest] and value[r, largest] == weight[r, largest]), \
+                        (layout, growth, i, r)
+                    assert not value[r][fresh].any()
+
+
+def test_the_growths_row_picks_take_each_rows_best_or_say_they_have_none():
+    rows = torch.tensor([0, 2])
+    score = torch.tensor([[0.1, -0.7, 0.7], [9.0, 9.0, 9.0], [0.0, 0.0, 0.2]])
+    positions, state, missing = DenseScorePool(score).row_picks(rows, 3, seeded())
+    assert positions.tolist() == [1, 8] and state is None and missing.numel() == 0  # ties: the first
+    pool = CandidatePool(torch.tensor([2, 4, 6, 7]), torch.tensor([0.5, 3.0, -0.5, 0.5]),
+                         {"momentum_buffer": torch.tensor([1.0, 2.0, 3.0, 4.0])})
+    positions, state, missing = pool.row_picks(torch.tensor([0, 2, 3]), 3, seeded())
+    assert positions.tolist() == [2, 6] and state["momentum_buffer"].tolist() == [1.0, 3.0]
+    assert missing.tolist() == [3]  # no candidate in row 3
+    taken = torch.tensor([2, 6])  # the picks are no longer offered
+    assert pool.select(taken, 2)[0].tolist() == [4, 7]
+    assert pool.scored(taken)[0].tolist() == [4, 7]
+    positions, _, missing = RandomPool(4, 5, seeded()).row_picks(torch.tensor([1, 3]), 5, seeded(7))
+    assert torch.div(positions, 5, rounding_mode="floor").tolist() == [1, 3] and missing.numel() == 0
+    assert positions.remainder(5).tolist() == torch.randint(5, (2,), generator=seeded(7)).tolist()
 
 
 def test_the_rule_changes_nothing_when_no_unit_would_lose_its_inputs():
@@ -219,12 +252,12 @@ def test_property_connect_rows_fills_every_row_and_keeps_the_count(rows, cols, e
         assert bool((had[lost.any(1)] >= 2).all())
 
 
-def test_protected_active_is_each_rows_largest_weight_ties_to_the_last():
-    # rows of 4 columns: row 0 has |w| 0.5, 0.5 (tie: the later), row 1 nothing, row 2 one weight
-    flat = torch.tensor([0, 3, 9])
-    values = torch.tensor([0.5, -0.5, 0.1])
-    assert protected_active(flat, values, 4).tolist() == [False, True, True]
-    assert protected_active(torch.tensor([], dtype=torch.long), torch.tensor([]), 4).numel() == 0
+def test_best_per_row_is_each_rows_largest_magnitude_ties_to_the_first():
+    # entries of rows 0, 0, 2, 3, 3: row 0 ties at 0.5 (the first), row 1 has none
+    rows_of = torch.tensor([0, 0, 2, 3, 3])
+    score = torch.tensor([0.5, -0.5, 0.1, -2.0, 1.0])
+    assert best_per_row(rows_of, score, torch.tensor([0, 1, 3])).tolist() == [0, 3]
+    assert best_per_row(rows_of, score, torch.tensor([1])).numel() == 0
 
 
 @pytest.mark.parametrize("layout", ["mask", "csr"])

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sparsemom_ext as sm
+from sparsemom_ext.sparsity.connectivity import floor_counts
 from sparsemom_ext.sparsity.engine import SparseMomentum, apportion, prune_rate_at
 
 from conftest import check_structure, make_optimizer, mlp, rows_without_input, seeded, train_steps
@@ -53,55 +54,56 @@ def sort_select(keys, candidates, k, largest):
     return idx[:k]
 
 
-def row_keepers(weight, mask):
-    """A mask of each row's active weight of largest |w| (ties: the last in the row)."""
-    keep = torch.zeros_like(mask)
-    for r in range(mask.shape[0]):
-        active = [c for c in range(mask.shape[1]) if mask[r, c]]
-        if active:
-            best = max(active, key=lambda c: (abs(float(weight[r, c])), c))
-            keep[r, best] = True
-    return keep
-
-
 def python_update(weights, masks, momenta, rate, floor=False):
     """docs/algorithms.md section 2 with sorting and lists: magnitude prune, momentum
     redistribution (via the engine's apportion, tested on its own below) and momentum growth.
-    ``floor``: the connectivity rule (section 5): each row's largest weight is not pruned."""
+    ``floor``: the connectivity rule (section 5): each row pruning empties first regrows its
+    position of largest |momentum| (ties: the first), out of the layer's regrowth."""
     counts = [int(m.sum()) for m in masks]
     stats = [float(mo.abs()[m].mean()) if c else 0.0 for mo, m, c in zip(momenta, masks, counts)]
     shares = [s / sum(stats) for s in stats]
     n_prune = [math.ceil(rate * c) for c in counts]
-    pruned = []
-    for i, (w, m) in enumerate(zip(weights, masks)):
-        eligible = m & ~row_keepers(w, m) if floor else m
-        n_prune[i] = min(n_prune[i], int(eligible.sum()))
+    pruned, picked = [], []
+    for i, (w, m, mo) in enumerate(zip(weights, masks, momenta)):
         new = m.clone().flatten()
-        new[sort_select(w.abs(), eligible, n_prune[i], largest=False)] = False
-        pruned.append(new.view_as(m))
+        new[sort_select(w.abs(), m, n_prune[i], largest=False)] = False
+        new = new.view_as(m)
+        picks = torch.zeros_like(m)
+        if floor:
+            for r in range(m.shape[0]):
+                if not new[r].any():
+                    row = [abs(float(v)) for v in mo[r]]
+                    picks[r, row.index(max(row))] = True
+        pruned.append(new)
+        picked.append(picks)
+    n_picked = [int(p.sum()) for p in picked]
     free = [m.numel() - int(p.sum()) for m, p in zip(masks, pruned)]
-    n_grow = apportion(sum(n_prune), shares, free)
+    # A share below its picks is raised to them from the others' surplus (floor_counts, tested on its own).
+    n_grow = floor_counts(apportion(sum(n_prune), shares, free), n_picked, [""] * len(masks))
     result = []
-    for mo, p, g in zip(momenta, pruned, n_grow):
-        new = p.clone().flatten()
-        new[sort_select(mo.abs(), ~p, g, largest=True)] = True
+    for mo, p, picks, g, e in zip(momenta, pruned, picked, n_grow, n_picked):
+        new = (p | picks).flatten()
+        new[sort_select(mo.abs(), ~(p | picks), g - e, largest=True)] = True
         result.append(new.view_as(p))
     return result
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "sgd_torch", "adamw"])
 @pytest.mark.parametrize("tie_values", [False, True])
-@pytest.mark.parametrize("connectivity", ["reference", "floor"])
-def test_update_matches_straightforward_python(opt_name, tie_values, connectivity):
-    # Rate 0.4 of layers at density 0.3 empties rows: the two options differ here.
-    model = masked_model(tie_values=tie_values, connected=connectivity == "floor")
+@pytest.mark.parametrize("connectivity,rate,sizes", [("reference", 0.4, (12, 20, 16, 6)), ("floor", 0.4, (12, 20, 16, 6)),
+                                                   ("floor", 1.0, (12, 20, 16, 6)), ("floor", 1.0, (4, 64, 2))])
+def test_update_matches_straightforward_python(opt_name, tie_values, connectivity, rate, sizes):
+    # Rate 0.4 of layers at density 0.3 empties rows: the two options differ here; rate 1
+    # empties every row, and in 4-64-2 the wide layer's share is below its 64 emptied rows.
+    model = masked_model(sizes=sizes, tie_values=tie_values, connected=connectivity == "floor")
     if opt_name == "sgd":
         opt = sm.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     elif opt_name == "sgd_torch":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
         opt = sm.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = SparseMomentum(model, opt, prune_rate=0.4, total_steps=100, connectivity=connectivity)
+    engine = SparseMomentum(model, opt, prune_rate=rate, decay="constant", total_steps=100,
+                            connectivity=connectivity)
     train_steps(model, opt, engine, steps=4)
     weights = [w.param.detach().clone() for w in engine.weights]
     masks = [w.mask.clone() for w in engine.weights]
@@ -433,6 +435,10 @@ def test_optimizer_state_follows_the_weights(opt_name, growth):
 @example(sizes=[4, 3, 1, 4], density=0.5, rate=1.0, growth="momentum", prune="magnitude",
          redistribution="momentum", scope="global", sampling="grabo", candidates=0.5, mixed=False, seed=0,
          connectivity="reference")
+# The same under the rule: the emptied rows' picks and the unpruned weights of rows without candidates.
+@example(sizes=[4, 3, 1, 4], density=0.5, rate=1.0, growth="gse", prune="magnitude",
+         redistribution="momentum", scope="global", sampling="uniform", candidates=0.5, mixed=True, seed=0,
+         connectivity="floor")
 # The issue's network: the reference update takes Linear(3, 2) to no weight at all.
 @example(sizes=[64, 3, 2, 1, 10], density=0.1, rate=0.5, growth="momentum", prune="magnitude",
          redistribution="momentum", scope="layer", sampling="grabo", candidates=1.0, mixed=True, seed=0,

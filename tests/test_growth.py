@@ -18,15 +18,20 @@ from sparsemom_ext.sparsity.sampling import grabo_factors, sample_inactive
 from conftest import mlp, seeded, train_steps
 
 
-def test_gse_grows_no_more_than_its_candidates():
+@pytest.mark.parametrize("connectivity", ["reference", "floor"])
+def test_gse_grows_no_more_than_its_candidates(connectivity):
     model = mlp("csr", density=0.3)
     opt = sm.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     engine = SparseMomentum(model, opt, prune_rate=1.0, decay="constant", update_every=1, growth="gse",
-                            candidates=0.25, redistribution="none")
+                            candidates=0.25, redistribution="none", connectivity=connectivity)
     counts = [w.count() for w in engine.weights]
     train_steps(model, opt, engine, steps=1)
     for record, count in zip(engine.history, counts):
-        assert record.pruned == record.grown == math.ceil(0.25 * count)
+        assert record.pruned == record.grown
+        if connectivity == "reference":
+            assert record.grown == math.ceil(0.25 * count)
+        else:  # an emptied row without a candidate keeps its largest weight: one pruned less
+            assert record.grown <= math.ceil(0.25 * count) and record.units_without_input == 0
 
 
 # ---------------------------------------------------------------- sampling

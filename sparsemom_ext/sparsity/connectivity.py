@@ -13,9 +13,11 @@ The rule is kept in three places (docs/algorithms.md, section 5):
 - :func:`floor_counts` raises the initial count of a layer below its floor to it, taking
   the difference from the layers above theirs (the total stays exact);
 - :func:`connect_rows` moves surplus positions of a drawn mask into its empty rows;
-- :func:`protected_active` marks, in each row, the active weight magnitude pruning would
-  remove last: the engine never prunes it, so no update empties a row and growth, which
-  only adds, needs no help from the rule.
+- at an update (:class:`~sparsemom_ext.SparseMomentum`), pruning is the reference's, and each
+  row it empties regrows one position of that row, the one its growth method offers first
+  (:meth:`~.growth.GrowthPool.row_picks`), from the layer's share of the regrowth; a row its
+  growth has no candidate in keeps its largest weight unpruned instead
+  (:func:`best_per_row`).
 """
 
 from typing import List, Sequence
@@ -26,7 +28,7 @@ from .init import check_choice
 from .schedule import apportion
 
 __all__ = ["CONNECTIVITIES", "check_connectivity", "connect_rows", "empty_rows", "empty_rows_of_flat",
-           "floor_counts", "layer_floor", "protected_active"]
+           "best_per_row", "floor_counts", "layer_floor"]
 
 CONNECTIVITIES = ("floor", "reference")
 
@@ -101,30 +103,21 @@ def connect_rows(mask: torch.Tensor, generator) -> torch.Tensor:
     return result
 
 
-def protected_active(flat: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Bool over the active weights (``flat``: sorted flat indices, ``values``: their weights):
-    True for the one weight of each row magnitude pruning removes last, the largest ``|w|``
-    (ties to the higher flat index, as pruning takes ties to the lower one). Excluding these
-    from pruning leaves every non-empty row non-empty; when pruning would not have emptied a
-    row, it prunes exactly what it prunes without them."""
-    if flat.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=flat.device)
-    rows = torch.div(flat, n_cols, rounding_mode="floor")
-    # flat is sorted, so rows are: consecutive runs, one per non-empty row.
-    starts = torch.ones_like(rows, dtype=torch.bool)
-    starts[1:] = rows[1:] != rows[:-1]
-    run = torch.cumsum(starts.long(), 0) - 1
-    n_runs = int(run[-1]) + 1
-    magnitude = values.detach().abs().to(flat.device)
-    best = torch.full((n_runs,), -1.0, dtype=magnitude.dtype, device=flat.device)
-    best = best.scatter_reduce(0, run, magnitude, reduce="amax")
-    at_best = magnitude == best[run]
-    position = torch.arange(flat.numel(), device=flat.device)
-    last = torch.full((n_runs,), -1, dtype=torch.long, device=flat.device)
-    last = last.scatter_reduce(0, run[at_best], position[at_best], reduce="amax")
-    protected = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    protected[last] = True
-    return protected
+def best_per_row(rows_of: torch.Tensor, score: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Indices into ``score`` (entries of rows ``rows_of``, in increasing flat order): for each
+    of ``rows`` holding an entry, the entry of largest |score| (ties to the lower index)."""
+    wanted = torch.isin(rows_of, rows)
+    index = wanted.nonzero().reshape(-1)
+    if index.numel() == 0:
+        return index
+    magnitude = score[index].abs()
+    group = torch.searchsorted(rows, rows_of[index])
+    best = torch.full((rows.numel(),), -1.0, dtype=magnitude.dtype, device=magnitude.device)
+    best = best.scatter_reduce(0, group, magnitude, reduce="amax")
+    at_best = magnitude == best[group]
+    first = torch.full((rows.numel(),), index.numel(), dtype=torch.long, device=index.device)
+    first = first.scatter_reduce(0, group[at_best], at_best.nonzero().reshape(-1), reduce="amin")
+    return index[first[first < index.numel()]]
 
 
 def empty_rows_of_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..csr_structure import relayout_plan
-from .connectivity import empty_rows_of_flat, protected_active
+from .connectivity import best_per_row, empty_rows_of_flat, floor_counts
 from .growth import CandidateSampler, keep_after_prune, make_growth, top_scores
 from .distributed import rank_group_of
 from .lr_ramp import LrRamp
@@ -140,8 +140,9 @@ class SparseMomentum:
             momentum before each update (shorter when updates are closer).
         connectivity: ``"floor"`` (default): no update leaves an output unit (a row of the
             weight matrix, a conv's output channel) without an input, so a layer keeps at
-            least its ``n_rows`` weights whatever redistribution asks: each row's weight of
-            largest magnitude is not pruned (a layer then prunes at most ``nnz - n_rows``).
+            least its ``n_rows`` weights whatever redistribution asks: each row pruning
+            empties regrows one position of its own row, the one its growth ranks first
+            there, out of the layer's share of the regrowth (docs/algorithms.md, section 5).
             The engine keeps the rule, it does not create it: every layer must satisfy it
             when the engine is built and at each update (``sparsify`` draws such masks),
             else a ValueError names the layer. ``"reference"``: the reference code's
@@ -378,16 +379,18 @@ class SparseMomentum:
         shares = [s / total_stat if total_stat > 0 else 0.0 for s in stats]
         # Candidate-based growth can regrow at most its candidates: prune no more.
         n_prune = [_at_most(math.ceil(rate * c), p.limit) for c, p in zip(counts, pools)]
-        protected = self._protected(flats, values)
-        if protected is not None:  # the rule: each row keeps its largest weight
-            n_prune = [min(k, c - int(pr.sum())) for k, c, pr in zip(n_prune, counts, protected)]
-        else:
-            protected = [None] * len(flats)
-        keeps = [keep_after_prune(v, k, self.options.prune, pr) for v, k, pr in zip(values, n_prune, protected)]
-        room = [_at_most(min(w.capacity, w.numel) - (c - k), p.limit)
-                for w, c, k, p in zip(self.weights, counts, n_prune, pools)]
+        keeps = [keep_after_prune(v, k, self.options.prune) for v, k in zip(values, n_prune)]
+        keeps, picks = self._reconnect(flats, values, keeps, pools)
+        n_prune = [int((~k).sum()) for k in keeps]
+        n_picked = [pos.numel() for pos, _ in picks]
+        room = [_at_most(min(w.capacity, w.numel) - int(k.sum()), p.limit)
+                for w, k, p in zip(self.weights, keeps, pools)]
         n_grow = list(n_prune) if self.options.redistribution == "none" else apportion(sum(n_prune), shares, room)
-        grown = [p.select(f[k], g) for p, f, k, g in zip(pools, flats, keeps, n_grow)]
+        # The picks come out of the layer's share; a share smaller than its picks is raised to
+        # them, from the others' surplus (each picked row lost a weight, so the picks fit).
+        n_grow = floor_counts(n_grow, n_picked, [w.name for w in self.weights])
+        grown = [_with_picks(pick, p.select(_taken(f[k], pick[0]), g - e))
+                 for p, f, k, g, e, pick in zip(pools, flats, keeps, n_grow, n_picked, picks)]
         return keeps, grown, n_prune, shares
 
     def _plan_global(self, rate, flats, values, pools):
@@ -399,41 +402,55 @@ class SparseMomentum:
             total = min(total, sum(limits))
         device = values[0].device
         all_values = torch.cat([v.to(device) for v in values])
-        protected = self._protected(flats, values)
-        if protected is not None:  # the rule: each row keeps its largest weight
-            protected = torch.cat([pr.to(device) for pr in protected])
-            total = min(total, int((~protected).sum()))
         while True:
-            keep_all = keep_after_prune(all_values, total, self.options.prune, protected)
+            keep_all = keep_after_prune(all_values, total, self.options.prune)
             keeps = [k.to(f.device) for k, f in zip(keep_all.split(counts), flats)]
+            keeps, picks = self._reconnect(flats, values, keeps, pools)
+            pruned = sum(int((~k).sum()) for k in keeps)
+            rest = pruned - sum(pos.numel() for pos, _ in picks)
             offers = []
-            for w, f, k, p in zip(self.weights, flats, keeps, pools):
-                positions, scores, state = p.scored(f[k])
-                room = min(w.capacity, w.numel) - int(k.sum())
+            for w, f, k, p, (pick, _) in zip(self.weights, flats, keeps, pools, picks):
+                positions, scores, state = p.scored(_taken(f[k], pick))
+                room = min(w.capacity, w.numel) - int(k.sum()) - pick.numel()
                 if positions.numel() > room:  # a layer never takes more than its room: offer its best
                     best = top_scores(scores, room)
                     positions, scores = positions[best], scores[best]
                     state = {key: t[best] for key, t in state.items()}
                 offers.append((positions, scores, state))
             offered = sum(pos.numel() for pos, _, _ in offers)
-            if offered >= total:
+            if offered >= rest:
                 break
             # Candidates cut to their layers' room can fall short of what was pruned: prune
             # only what can regrow (fewer pruned leave less room, so repeat; total falls each time).
-            total = offered
-        chosen_all = top_scores(torch.cat([s.to(device) for _, s, _ in offers]), total)
+            total -= rest - offered
+        chosen_all = top_scores(torch.cat([s.to(device) for _, s, _ in offers]), rest)
         chosen = chosen_all.split([s.numel() for _, s, _ in offers])
-        grown = [(pos[c.to(pos.device)], {key: t[c.to(t.device)] for key, t in state.items()} or None)
-                 for (pos, _, state), c in zip(offers, chosen)]
+        grown = [_with_picks(pick, (pos[c.to(pos.device)], {key: t[c.to(t.device)] for key, t in state.items()} or None))
+                 for (pos, _, state), c, pick in zip(offers, chosen, picks)]
         n_prune = [int((~k).sum()) for k in keeps]
         return keeps, grown, n_prune, [0.0] * len(self.weights)
 
-    def _protected(self, flats, values) -> Optional[List[torch.Tensor]]:
-        """Under ``connectivity="floor"``, each layer's active weights that are not pruned (one
-        per row, :func:`~.connectivity.protected_active`); None under ``"reference"``."""
-        if self.options.connectivity != "floor":
-            return None
-        return [protected_active(f, v, w.n_cols) for w, f, v in zip(self.weights, flats, values)]
+    def _reconnect(self, flats, values, keeps, pools):
+        """The connectivity rule after pruning (docs/algorithms.md, section 5): ``(keeps,
+        picks)``, with each layer's ``picks`` the positions (and their starting state) that
+        regrow the rows pruning emptied, one per row, and ``keeps`` with the largest weight
+        of each emptied row its growth offers no position in left unpruned. Under
+        ``"reference"`` the keeps as they were and no picks."""
+        picks = []
+        for w, flat, value, keep, pool in zip(self.weights, flats, values, keeps, pools):
+            nothing = (flat[:0], None)
+            if self.options.connectivity != "floor" or w.n_cols == 0:
+                picks.append(nothing)
+                continue
+            rows = empty_rows_of_flat(flat[keep], w.n_rows, w.n_cols)  # every row had a weight before
+            if rows.numel() == 0:
+                picks.append(nothing)
+                continue
+            positions, state, missing = pool.row_picks(rows, w.n_cols, self.generator)
+            picks.append((positions, state))
+            if missing.numel():
+                keep[best_per_row(torch.div(flat, w.n_cols, rounding_mode="floor"), value, missing)] = True
+        return keeps, picks
 
     def _check_connected(self, flats) -> None:
         """Under ``connectivity="floor"``: a ValueError naming the first layer with an output
@@ -606,6 +623,26 @@ def _built(name: str, cls, fields):
 
 def _at_most(count: int, limit: Optional[int]) -> int:
     return count if limit is None else min(count, limit)
+
+
+def _taken(kept_flat, picks):
+    """The sorted positions a layer's growth may no longer choose: its kept weights and the rule's picks."""
+    return kept_flat if picks.numel() == 0 else torch.sort(torch.cat([kept_flat, picks.to(kept_flat.device)])).values
+
+
+def _with_picks(picks, grown):
+    """A layer's grown positions and starting state with the connectivity rule's picks merged
+    in (sorted by position)."""
+    (pick, pick_state), (positions, state) = picks, grown
+    if pick.numel() == 0:
+        return positions, state
+    merged = torch.cat([pick.to(positions.device), positions])
+    order = torch.argsort(merged)
+    if not state and not pick_state:
+        return merged[order], state
+    keys = (state or pick_state).keys()
+    combined = {key: torch.cat([pick_state[key], state[key]])[order] for key in keys}
+    return merged[order], combined
 
 
 def _relayout(flat, keep, grown_flat, grown_state, may_regrow: bool):

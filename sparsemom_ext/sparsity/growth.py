@@ -28,6 +28,7 @@ import torch
 
 from .. import ops
 from ..csr_structure import structure_from_flat
+from .connectivity import best_per_row
 from .distributed import RankGroup
 from .sampling import sample_inactive
 from .signals import OptimizerFamily
@@ -35,23 +36,19 @@ from .signals import OptimizerFamily
 __all__ = ["GROWTHS", "GrowthPool", "candidate_count", "keep_after_prune", "make_growth", "top_scores"]
 
 
-def top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool over ``scores``: True for the ``k`` largest |score| (ties to the lower index)."""
-    return ops.momentum_grow(scores, torch.zeros(scores.shape, dtype=torch.bool, device=scores.device), k)
+def top_scores(scores: torch.Tensor, k: int, excluded: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bool over ``scores``: True for the ``k`` largest |score| (ties to the lower index),
+    none where ``excluded`` (bool, or None) is True."""
+    if excluded is None:
+        return ops.momentum_grow(scores, torch.zeros(scores.shape, dtype=torch.bool, device=scores.device), k)
+    return ops.momentum_grow(scores, excluded, k) & ~excluded
 
 
-def keep_after_prune(values: torch.Tensor, k: int, prune: str, protected: Optional[torch.Tensor] = None
-                     ) -> torch.Tensor:
-    """Bool over ``values`` (active weights, flat order): False for the ``k`` pruned ones.
-
-    ``protected`` (bool over ``values``, or None): weights that are never pruned (the
-    connectivity rule's); ``k`` is then at most the number of the others."""
+def keep_after_prune(values: torch.Tensor, k: int, prune: str) -> torch.Tensor:
+    """Bool over ``values`` (active weights, flat order): False for the ``k`` pruned ones."""
     eligible = torch.ones(values.shape, dtype=torch.bool, device=values.device)
-    if protected is not None:
-        eligible &= ~protected.to(values.device)
     prune_op = ops.magnitude_prune if prune == "magnitude" else ops.set_prune
-    keep = prune_op(values, eligible, k)
-    return keep if protected is None else keep | protected.to(values.device)
+    return prune_op(values, eligible, k)
 
 
 def candidate_count(gamma: float, nnz: int) -> int:
@@ -79,7 +76,15 @@ class GrowthPool:
         raise NotImplementedError
 
     def scored(self, kept_flat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """Every growable position (sorted), its score and its starting state."""
+        """Every growable position (sorted, none in ``kept_flat``), its score and its starting state."""
+        raise NotImplementedError
+
+    def row_picks(self, rows: torch.Tensor, n_cols: int, generator: torch.Generator
+                  ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]], torch.Tensor]:
+        """The connectivity rule's growth: for ``rows`` (sorted), each left without a weight by
+        pruning, the one position of that row this growth offers first. Returns the positions
+        (sorted flat indices, at most one per row), their starting state (or None) and the
+        rows it offers none in (the engine keeps their largest weight unpruned instead)."""
         raise NotImplementedError
 
 
@@ -96,12 +101,24 @@ class CandidatePool(GrowthPool):
     def limit(self) -> int:
         return self.positions.numel()
 
+    def _free(self, kept_flat):
+        # Candidates are never kept; kept_flat can hold the rule's picks among them.
+        return ~torch.isin(self.positions, kept_flat.to(self.positions.device))
+
     def select(self, kept_flat, k):
-        chosen = top_scores(self.score, k)
+        chosen = top_scores(self.score, k, excluded=~self._free(kept_flat))
         return self.positions[chosen], {key: t[chosen] for key, t in self.start_state.items()}
 
     def scored(self, kept_flat):
-        return self.positions, self.score, self.start_state
+        free = self._free(kept_flat)
+        return self.positions[free], self.score[free], {key: t[free] for key, t in self.start_state.items()}
+
+    def row_picks(self, rows, n_cols, generator):
+        # The best candidate of each row; a row without one (a csr window drawn before the
+        # update, or gse's draw, found none there) gets no position from this pool.
+        best = best_per_row(torch.div(self.positions, n_cols, rounding_mode="floor"), self.score, rows)
+        missing = rows[~torch.isin(rows, torch.div(self.positions[best], n_cols, rounding_mode="floor"))]
+        return self.positions[best], {key: t[best] for key, t in self.start_state.items()}, missing
 
 
 @dataclass
@@ -123,6 +140,12 @@ class DenseScorePool(GrowthPool):
         positions = (~self._kept_mask(kept_flat)).reshape(-1).nonzero().reshape(-1)
         return positions, self.score.reshape(-1)[positions], {}
 
+    def row_picks(self, rows, n_cols, generator):
+        # The rows are empty after pruning: every position of each competes (pruned ones too).
+        rows = rows.to(self.score.device)
+        best = self.score.reshape(-1, n_cols)[rows].abs().argmax(dim=1)  # ties: the first
+        return rows * n_cols + best, None, rows[:0]
+
 
 @dataclass
 class RandomPool(GrowthPool):
@@ -138,6 +161,10 @@ class RandomPool(GrowthPool):
 
     def scored(self, kept_flat):
         raise ValueError("random growth has no scores to compare across layers (scope='global')")
+
+    def row_picks(self, rows, n_cols, generator):
+        cols = torch.randint(n_cols, (rows.numel(),), generator=generator).to(rows.device)
+        return rows * n_cols + cols, None, rows[:0]
 
 
 class CandidateSampler:
