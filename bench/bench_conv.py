@@ -82,6 +82,7 @@ Inputs are random CIFAR-shaped batches unless ``--cifar-root`` is given. Writes
 """
 
 import argparse
+import itertools
 import importlib.metadata
 import math
 import re
@@ -686,9 +687,9 @@ def training_mode(args, env):
     reason = csr_unavailable_reason() if args.layout == "csr" else None
 
     class Run:
-        def __init__(self, name, model_name, growth):
+        def __init__(self, name, model_name, growth, activations="contiguous"):
             torch.manual_seed(0)
-            self.name, self.cursor = name, 0
+            self.name, self.cursor, self.activations = name, 0, activations
             self.model = build_model(model_name, (3, 32, 32), 10).to(device)
             sgd = dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
             if growth is None:
@@ -696,6 +697,8 @@ def training_mode(args, env):
             else:
                 sm.sparsify(self.model, density=args.density, layout=args.layout,
                             generator=torch.Generator().manual_seed(0))
+                if activations == "batch_innermost":
+                    sm.nn.keep_batch_innermost(self.model)
                 self.optimizer = sm.optim.SGD(self.model.parameters(), **sgd)
                 self.engine = sm.SparseMomentum(self.model, self.optimizer, update_every=args.period,
                                                 total_steps=1 << 40, growth=growth)
@@ -716,13 +719,16 @@ def training_mode(args, env):
     runs, records = {}, []
     for model_name in args.models.split(","):
         runs[f"dense/{model_name}"] = Run(f"dense/{model_name}", model_name, None)
-        for growth in args.growth.split(","):
-            name = f"{args.layout}/{growth}/{model_name}"
+        layouts = args.activations.split(",") if args.layout == "csr" else ["contiguous"]
+        for growth, activations in itertools.product(args.growth.split(","), layouts):
+            # "csr": batch-innermost activations (the training command's); "csr-contiguous": without.
+            kind = args.layout if args.layout == "mask" or activations == "batch_innermost" else f"csr-{activations}"
+            name = f"{kind}/{growth}/{model_name}"
             if reason is not None:
                 records.append({"impl": name, "model": model_name, "status": "unavailable", "error": reason})
                 print(f"# {name}: unavailable: {reason}")
                 continue
-            runs[name] = Run(name, model_name, growth)
+            runs[name] = Run(name, model_name, growth, activations)
             if args.layout == "csr" and "Conv2d" in runs[name].layers:
                 print(f"# WARNING {name}: sparsify left {runs[name].layers['Conv2d']} dense Conv2d layers",
                       flush=True)
@@ -764,7 +770,7 @@ def training_mode(args, env):
         dense = f"dense/{model_name}"
         per_step = statistics.median(amortised[name])
         records.append({
-            "impl": name, "model": model_name, "status": "ok", "layers": run.layers,
+            "impl": name, "model": model_name, "status": "ok", "layers": run.layers, "activations": run.activations,
             "density": 1.0 if run.engine is None else args.density, "batch": args.batch,
             "period": args.period, "device": device,
             "median_step_ms": statistics.median(step_times[name]), "amortised_ms": per_step,
@@ -812,6 +818,9 @@ def main():
     training.add_argument("--growth", default="momentum")
     training.add_argument("--layout", default="csr", choices=["csr", "mask"],
                           help="the sparse models' layout (mask: SparseConv2d, dense kernels on masked weights)")
+    training.add_argument("--activations", default="batch_innermost",
+                          help="csr: comma-separated activation layouts, each a run: batch_innermost "
+                               "(sm.nn.keep_batch_innermost, what the training command does), contiguous")
     training.add_argument("--batch", type=int, default=128)
     training.add_argument("--batches", type=int, default=8, help="distinct batches cycled through")
     training.add_argument("--period", type=int, default=390, help="steps between topology updates")

@@ -610,6 +610,19 @@ def test_training_command_refuses_csr_convs_off_the_cpu_before_training():
     assert isinstance(run.build_model(dense=False).fc1, CsrLinear)  # no conv: nothing refused
 
 
+def test_training_command_keeps_csr_conv_activations_batch_innermost():
+    run = loop.Run.__new__(loop.Run)
+    run.args = cli.build_parser().parse_args(["--model", "lenet5", "--layout", "csr", "--density", "0.1"])
+    run.data = type("Data", (), {"in_shape": (1, 28, 28), "num_classes": 10})()
+    run.device = torch.device("cpu")
+    model = run.build_model(dense=False)
+    assert model.conv1.output_layout == model.conv2.output_layout == "batch_innermost"
+    assert type(model.pool1) is sm.nn.MaxPool2d and type(model.pool2) is sm.nn.MaxPool2d
+    assert sm.nn.is_batch_innermost(model.pool1(model.relu1(model.conv1(torch.randn(4, 1, 28, 28)))))
+    run.args = cli.build_parser().parse_args(["--model", "lenet5", "--layout", "mask", "--density", "0.1"])
+    assert type(run.build_model(dense=False).pool1) is nn.MaxPool2d  # the mask layout: torch's modules
+
+
 def test_conv_kernels_give_the_same_bits_on_one_and_two_threads():
     g = seeded(11)
     mask = torch.rand(24, 40 * 9, generator=g) < 0.2
