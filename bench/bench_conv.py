@@ -829,6 +829,9 @@ def main():
     training.add_argument("--cifar-root", default=None, help="CIFAR-10 folder (default: random batches)")
     training.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    bad = sorted(set(args.activations.split(",")) - {"batch_innermost", "contiguous"})
+    if bad:
+        parser.error(f"--activations: expected batch_innermost and/or contiguous, got {', '.join(bad)}")
     if args.quick:
         args.repeats, args.warmup = 3, 1
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
