@@ -130,3 +130,33 @@ def test_a_csr_cnn_trains_the_same_with_and_without_the_layout_kept(compile_mode
     assert losses == pytest.approx(expected, rel=1e-9, abs=1e-12)
     for a, b in zip(plain.state_dict().values(), kept.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_in_place_ops_after_the_batch_norm_stay_in_place_and_match_torch(training):
+    """A ResNet block's tail, ``out = bn(x); out += identity; out.relu_()``: the batch norm's
+    batch-innermost output is not a view, so autograd records the in-place ops themselves
+    (a view would make each a CopySlices: a copy of the gradient to contiguous order and back)."""
+    torch.manual_seed(0)
+    base = nn.BatchNorm2d(3).double().train(training)
+    ours = BatchNorm2d(3).double().train(training)
+    base.running_mean.uniform_(-1, 1)
+    base.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(base.state_dict())
+    x, identity, g = (torch.randn(5, 3, 4, 6, dtype=torch.float64) for _ in range(3))
+
+    def tail(bn, layout_of):
+        inp = layout_of(x).requires_grad_()
+        out = bn(inp)
+        out += layout_of(identity)
+        out.relu_()
+        out.backward(layout_of(g))
+        return out, inp.grad
+
+    expected, expected_grad = tail(base, lambda t: t.clone())
+    out, grad = tail(ours, batch_innermost_copy)
+    assert is_batch_innermost(out) and type(out.grad_fn).__name__ == "ReluBackward0"
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12)
