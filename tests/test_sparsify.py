@@ -1,6 +1,7 @@
 """sparsify() in both layouts, to_layout() between them, and density_report()."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -277,3 +278,20 @@ def test_to_layout_rejects_what_it_cannot_convert():
         to_layout(nn.Linear(4, 5), "csr")
     with pytest.raises(ValueError, match="dilation must be 1"):
         to_layout(sm.SparseConv2d(2, 3, 3, dilation=2, density=0.5), "csr")
+
+
+@pytest.mark.parametrize("widths", [(784, 300, 100, 10), (64,) + (256,) * 9 + (10,)], ids=["3-layers", "10-layers"])
+def test_sparsify_csr_capacity_gives_small_layers_room_and_adds_at_most_the_models_nonzeros(widths):
+    """Each layer gets 1.5x its nonzeros as slots, or its share of the model's nonzeros (a
+    quarter; 1/L in a model of L > 4 layers), at most its size: LeNet-300-100's 100 x 300
+    layer a quarter of the model, and a deep stack no more slots than 2.5x its nonzeros."""
+    model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+    sparsify(model, density=0.05, layout="csr", generator=seeded(0))
+    layers = [m for m in model if isinstance(m, CsrLinear)]
+    model_nnz, share = sum(m.nnz for m in layers), min(0.25, 1 / len(layers))
+    for m in layers:
+        numel = m.in_features * m.out_features
+        assert m.capacity == min(numel, max(math.ceil(1.5 * m.nnz), math.ceil(share * model_nnz)))
+    assert sum(m.capacity for m in layers) <= 2.5 * model_nnz
+    if len(layers) == 3:
+        assert layers[1].capacity == math.ceil(model_nnz / 4) > 1.5 * layers[1].nnz

@@ -110,7 +110,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
     and train/eval mode); with ``layout="csr"`` each SparseLinear then becomes a
     :class:`~sparsemom_ext.nn.CsrLinear` and each SparseConv2d a
     :class:`~sparsemom_ext.nn.CsrConv2d` (the same function, stored always-sparse) with
-    ``default_capacity(nnz, numel, model_nnz)`` value slots. The csr conv computes dilation
+    ``default_capacity(nnz, numel, model_nnz, model_layers)`` value slots. The csr conv computes dilation
     1, groups 1, zero padding: a conv with anything else raises a ValueError naming it
     (exclude it, or use ``layout="mask"``), before anything is converted. An ``nn.MultiheadAttention``
     becomes a :class:`~sparsemom_ext.nn.SparseMultiheadAttention` (its input projection
@@ -266,7 +266,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "uniform", la
                 _connect(sparse, "weight", "mask", module.weight, generator)
             if layout == "csr" and name not in in_mask:
                 sparse = to_layout(sparse, "csr",
-                                   capacity=default_capacity(count, module.weight.numel(), sum(counts)))
+                                   capacity=default_capacity(count, module.weight.numel(), sum(counts),
+                                                            len(counts)))
         sparse.__dict__[DENSE_CLASS_ATTR] = type(module)
         replacement[id(module)] = sparse
     # A converted attention layer holds a copy of the old out_proj: give it the converted one.

@@ -48,21 +48,25 @@ __all__ = ["CsrConv2d", "CsrLayer", "CsrLinear", "check_csr_conv_options", "defa
 #: their gradient and optimizer state, the structure: 24 bytes each with SGD momentum),
 #: so at 95% sparsity 1.5x keeps a model's training memory near 0.15x dense.
 CAPACITY_FACTOR = 1.5
-#: In a model (``sparsify``), a layer also gets at least this fraction of the model's
-#: nonzeros as slots: momentum redistribution moves budget to the small layers (in the
-#: mask layout LeNet-300-100 at 10% takes its 10 x 100 layer to 100% density and its
-#: 100 x 300 one from 10% to 38%, 43% of the model's nonzeros, where csr stops at 25%),
-#: and slots of a small layer cost little.
+#: In a model (``sparsify``), a layer also gets at least a share of the model's nonzeros
+#: as slots: momentum redistribution moves budget to the small layers (in the mask layout
+#: LeNet-300-100 at 10% takes its 10 x 100 layer to 100% density and its 100 x 300 one from
+#: 10% to 38%, 43% of the model's nonzeros, where csr stops at 25%), and slots of a small
+#: layer cost little. The share is a quarter, or ``1 / L`` in a model of ``L > 4`` sparse
+#: weights, so these floors add at most the model's nonzeros: a quarter each gave VGG-16's
+#: 16 layers 3.1x its nonzeros in slots (training memory 0.31x dense), ``1 / 16`` gives 1.8x.
 MODEL_SHARE = 0.25
 #: The dtypes of the csr conv kernels (CPU).
 _CONV_DTYPES = (torch.float32, torch.float64)
 
 
-def default_capacity(nnz: int, numel: int, model_nnz: int = 0) -> int:
-    """The default number of value slots of a layer with ``nnz`` of ``numel`` weights active:
-    ``CAPACITY_FACTOR * nnz``, or ``MODEL_SHARE * model_nnz`` when that is more (the
-    nonzeros of all the model's sparse layers), at most ``numel``."""
-    return min(numel, max(nnz, math.ceil(CAPACITY_FACTOR * nnz), math.ceil(MODEL_SHARE * model_nnz)))
+def default_capacity(nnz: int, numel: int, model_nnz: int = 0, model_layers: int = 1) -> int:
+    """The default number of value slots of a layer with ``nnz`` of ``numel`` weights active,
+    in a model of ``model_layers`` sparse weights with ``model_nnz`` nonzeros in all:
+    ``CAPACITY_FACTOR * nnz``, or the layer's share of ``model_nnz`` when that is more
+    (``MODEL_SHARE``, at most ``1 / model_layers``), at most ``numel``."""
+    share = min(MODEL_SHARE, 1 / max(1, model_layers))
+    return min(numel, max(nnz, math.ceil(CAPACITY_FACTOR * nnz), math.ceil(share * model_nnz)))
 
 
 def _check_capacity(capacity, nnz: int, numel: int) -> int:
