@@ -7,7 +7,8 @@ Run with two processes (tests/test_distributed.py does)::
         --configs momentum:csr,gse:mask:uniform --out result.json
 
 Each config is ``growth:layout[:sampling[:optimizer[:scope[:model]]]]``, model ``mlp`` (the
-default) or ``cnn`` (two convs and a linear layer: csr convolutions in the csr layout). Each rank trains on its own
+default), ``cnn`` (two convs and a linear layer: csr convolutions in the csr layout) or ``cnn_bn``
+(conv, batch norm, in-place ReLU, pooling, activations batch innermost). Each rank trains on its own
 batches (as a DistributedSampler gives), so any signal built from one rank's batch and not
 reduced makes the ranks' updates differ. Rank 0 writes, per config, whether the ranks were
 identical after each update and each layer's nonzeros after it.
@@ -29,12 +30,21 @@ MODELS = {
     "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, stride=2, padding=1),
                                   nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 5)),
             (3, 8, 8)),
+    # VGG's block: conv, batch norm, in-place ReLU, pooling; trained with activations batch
+    # innermost, as the training command does for --layout csr.
+    "cnn_bn": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(inplace=True),
+                                     nn.MaxPool2d(2), nn.Conv2d(12, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                     nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(16 * 4 * 4, 5)),
+               (3, 8, 8)),
 }
+BATCH_INNERMOST = {"cnn_bn"}
 
 
 def build(layout, optimizer_name, model_name):
     model = MODELS[model_name][0]()
     model = sm.sparsify(model, density=0.25, layout=layout, generator=torch.Generator().manual_seed(0))
+    if model_name in BATCH_INNERMOST:
+        sm.nn.keep_batch_innermost(model)
     ddp_model = nn.parallel.DistributedDataParallel(model)
     if optimizer_name == "adam":
         optimizer = sm.optim.Adam(ddp_model.parameters(), lr=1e-2)
@@ -44,8 +54,12 @@ def build(layout, optimizer_name, model_name):
 
 
 def everything(model, optimizer):
-    """The model's state and the optimizer's, as tensors, in a fixed order."""
-    tensors = [t.detach().clone() for t in model.state_dict().values()]
+    """The model's state and the optimizer's, as tensors, in a fixed order. Batch norms'
+    running statistics are left out: each rank's last forward updated its own from its own
+    batch, and DDP makes them rank 0's at the start of the next forward."""
+    running = {f"{name}.{buffer}" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+    tensors = [t.detach().clone() for name, t in model.state_dict().items() if name not in running]
     for group in optimizer.param_groups:
         for p in group["params"]:
             tensors += [t.clone() for t in optimizer.state[p].values() if torch.is_tensor(t)]
@@ -80,7 +94,8 @@ def run(config, seed, steps=14):
         if engine.updates != updates:
             identical.append(same_on_every_rank(everything(model, optimizer)))
             nnz.append([r.nnz for r in engine.history[-len(engine.weights):]])
-    return {"config": config, "identical": identical, "nnz": nnz, "loss": loss.item()}
+    classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()})
+    return {"config": config, "identical": identical, "nnz": nnz, "loss": loss.item(), "classes": classes}
 
 
 def main():

@@ -66,6 +66,19 @@ def test_csr_convolutions_keep_the_ranks_identical(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_csr_convolutions_with_batch_norm_and_batch_innermost_activations_keep_the_ranks_identical(tmp_path):
+    configs = [f"{growth}:csr:grabo:sgd:layer:cnn_bn" for growth in ("momentum", "gse")]
+    proc, results = run_ddp(tmp_path, configs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_identical(results, configs)
+    for r in results:
+        assert len({tuple(s) for s in r["nnz"]}) > 1, r
+        # the batch-innermost modules trained, not torch's on a copy
+        assert {"sparsemom_ext.nn.csr_layout.CsrConv2d", "sparsemom_ext.nn.batch_innermost.BatchNorm2d",
+                "sparsemom_ext.nn.batch_innermost.MaxPool2d"} <= set(r["classes"]), r["classes"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_ranks_that_would_disagree_are_stopped_before_anything_is_written(tmp_path):
     proc, results = run_ddp(tmp_path, ["random:mask"], "--seed-per-rank")
     assert proc.returncode != 0 and results is None
