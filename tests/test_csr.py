@@ -1031,10 +1031,11 @@ results.update(
     backward_chunked=ops.csr_linear_backward(wx, wdy, wide_values, tall_ptr, tall_idx, *tall_t),
 )
 # The conv kernels: batch 130 (a full tile and a tail), 3x3 stride 2 padding 1, 40 input
-# channels over 12 x 12 (the forward's channel chunks, the weight gradient's bands), and a
-# 5x5 on few pixels at batch 5.
-for name, (n, c, o, hw, k, s, p) in dict(conv=(130, 40, 12, 12, 3, 2, 1), conv_small=(5, 30, 7, 6, 5, 1, 2)).items():
-    cmask = torch.rand(o, c * k * k, generator=g) < 0.3
+# channels over 12 x 12 (the forward's channel chunks, the weight gradient's bands), a 5x5
+# on few pixels at batch 5, and a dense enough layer that the forward packs its windows.
+for name, (n, c, o, hw, k, s, p, d) in dict(conv=(130, 40, 12, 12, 3, 2, 1, 0.3), conv_small=(5, 30, 7, 6, 5, 1, 2, 0.3),
+                                            conv_packed=(19, 24, 16, 9, 3, 1, 1, 0.9)).items():
+    cmask = torch.rand(o, c * k * k, generator=g) < d
     c_ptr, c_idx = ops.csr_from_mask(cmask)
     c_t = ops.csr_transpose(c_ptr, c_idx, c * k * k)
     c_values, cx = torch.randn(c_idx.numel(), generator=g), torch.randn(n, c, hw, hw, generator=g)
@@ -1083,7 +1084,7 @@ def test_csr_isa_variants_are_bitwise_identical(tmp_path):
                                                       i["col_ptr"], i["row_idx"], i["perm"])
     check["backward_chunked"] = reference.csr_linear_backward(i["wx"], i["wdy"], i["wide_values"], i["tall_ptr"],
                                                                i["tall_idx"], *i["tall_t"])
-    for name in ("conv", "conv_small"):
+    for name in ("conv", "conv_small", "conv_packed"):
         c = i[name]
         x = c["x"].double().requires_grad_()
         y = reference.csr_conv2d(x, c["values"].double(), None, c["row_ptr"], c["col_idx"], *c["t"], *c["geometry"])

@@ -33,6 +33,13 @@ def tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
+def assert_close_to_scale(got, want, dtype):
+    """Within tol(dtype), the absolute part relative to the largest entry of ``want``: a sum
+    of many terms is off by rounding on the order of its partial sums, not of its result."""
+    t = tol(dtype)
+    torch.testing.assert_close(got, want, rtol=t["rtol"], atol=t["atol"] * max(1.0, want.abs().max().item()))
+
+
 def pair_of_layers(in_ch, out_ch, kernel, stride=1, padding=0, density=0.3, bias=True, dtype=torch.float64, seed=0):
     """(SparseConv2d, CsrConv2d) built from the same seeds: the same function in the two layouts."""
     torch.manual_seed(seed)
@@ -55,6 +62,11 @@ SHAPES = {
     "all-active": (3, 4, 3, 1, 1, (6, 6), 3, 1.0),
     "non-square": (3, 5, (3, 2), (2, 1), (1, 0), (7, 11), 3, 0.4),
     "kernel-as-input": (2, 3, 4, 1, 0, (4, 4), 2, 0.5),  # one output pixel
+    # Dense enough that the forward packs each channel chunk's window (forward_block in
+    # csrc/cpu/csr_conv_cpu.cpp: the copies are under a sixteenth of the FMAs): two chunks,
+    # a batch tail; then stride 2, padding 2, one partial block of output pixels.
+    "packed": (24, 16, 3, 1, 1, (9, 9), 19, 0.9),
+    "packed-5x5-stride2-pad2": (20, 12, 5, 2, 2, (11, 10), 5, 1.0),
 }
 
 
@@ -93,10 +105,10 @@ def test_forward_and_gradients_equal_the_masked_dense_conv(shape, dtype):
     grad_y = torch.randn(y.shape, generator=seeded(3), dtype=dtype)
     y_ref.backward(grad_y)
     y.backward(grad_y)
-    torch.testing.assert_close(x_csr.grad, x_ref.grad, **tol(dtype))
+    assert_close_to_scale(x_csr.grad, x_ref.grad, dtype)
     assert x_csr.grad.shape == x.shape
     nnz = csr_layer.nnz
-    torch.testing.assert_close(csr_layer.values.grad[:nnz], mask_layer.weight.grad[mask_layer.mask], **tol(dtype))
+    assert_close_to_scale(csr_layer.values.grad[:nnz], mask_layer.weight.grad[mask_layer.mask], dtype)
     assert not csr_layer.values.grad[nnz:].any(), "idle slots get no gradient"
     torch.testing.assert_close(csr_layer.bias.grad, mask_layer.bias.grad, **tol(dtype))
 
