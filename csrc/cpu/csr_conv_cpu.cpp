@@ -243,29 +243,36 @@ std::vector<ConvTap> decode_taps(const at::Tensor& row_ptr, const at::Tensor& co
   return taps;
 }
 
-// decode_taps, each row's taps then sorted by (channel chunk, kernel offset, CSR order)
-// by a counting sort, and `chunk_ptr` (n_rows x (chunks + 1)) where each row's taps of
-// each chunk start (the last entry of a row: its end).
-std::vector<ConvTap> decode_forward_taps(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t channels,
-                                         int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size,
-                                         int64_t channels_per_chunk, std::vector<int32_t>& chunk_ptr) {
-  const std::vector<ConvTap> csr_order = decode_taps(row_ptr, col_idx, channels, in_h, in_w, kernel_size);
-  const int64_t n_rows = row_ptr.numel() - 1, offsets = kernel_size[0] * kernel_size[1];
+// Each row's taps (in `row_order`, rows by `rows`) sorted by (channel chunk, kernel offset,
+// their order) by a counting sort, and `chunk_ptr` (n_rows x (chunks + 1)) where each row's
+// taps of each chunk start (the last entry of a row: its end).
+std::vector<ConvTap> sort_forward_taps(const std::vector<ConvTap>& row_order, const int32_t* rows, int64_t n_rows,
+                                       int64_t channels, at::IntArrayRef kernel_size, int64_t channels_per_chunk,
+                                       std::vector<int32_t>& chunk_ptr) {
+  const int64_t offsets = kernel_size[0] * kernel_size[1];
   const int64_t chunks = (channels + channels_per_chunk - 1) / channels_per_chunk;
-  const at::Tensor rp = row_ptr.contiguous();
-  const int32_t* rows = rp.data_ptr<int32_t>();
-  std::vector<ConvTap> taps(csr_order.size());
+  std::vector<ConvTap> taps(row_order.size());
   chunk_ptr.assign(static_cast<size_t>(n_rows * (chunks + 1)), 0);
   std::vector<int64_t> start(static_cast<size_t>(chunks * offsets + 1));
   auto bucket = [&](const ConvTap& t) { return (t.channel / channels_per_chunk) * offsets + t.kh * kernel_size[1] + t.kw; };
   for (int64_t r = 0; r < n_rows; ++r) {
     std::fill(start.begin(), start.end(), 0);
-    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) ++start[bucket(csr_order[k]) + 1];
+    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) ++start[bucket(row_order[k]) + 1];
     for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
     for (int64_t c = 0; c <= chunks; ++c) chunk_ptr[r * (chunks + 1) + c] = static_cast<int32_t>(rows[r] + start[c * offsets]);
-    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) taps[rows[r] + start[bucket(csr_order[k])]++] = csr_order[k];
+    for (int64_t k = rows[r]; k < rows[r + 1]; ++k) taps[rows[r] + start[bucket(row_order[k])]++] = row_order[k];
   }
   return taps;
+}
+
+// decode_taps, then sort_forward_taps.
+std::vector<ConvTap> decode_forward_taps(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t channels,
+                                         int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size,
+                                         int64_t channels_per_chunk, std::vector<int32_t>& chunk_ptr) {
+  const std::vector<ConvTap> csr_order = decode_taps(row_ptr, col_idx, channels, in_h, in_w, kernel_size);
+  const at::Tensor rp = row_ptr.contiguous();
+  return sort_forward_taps(csr_order, rp.data_ptr<int32_t>(), row_ptr.numel() - 1, channels, kernel_size,
+                           channels_per_chunk, chunk_ptr);
 }
 
 at::Tensor csr_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& values,
@@ -295,6 +302,49 @@ at::Tensor csr_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& values,
   return y.permute({3, 0, 1, 2});
 }
 
+// At stride 1 the input gradient is a forward convolution: of the output gradient with
+// the kernel transposed and flipped (row c, column (o, kh - 1 - i, kw - 1 - j) holds weight
+// (o; c, i, j)), padding k - 1 - p, where k - 1 >= p. The forward's kernel takes it where
+// the input gradient's own would not keep its working set in L2: an input row reads kh rows
+// of the output gradient of every channel, more than 4 MiB here. Against the own kernel at
+// density 0.05, batch 128 (AVX-512, alternating in one process): 3 MiB or less, 0.87-1.13x
+// (512 -> 512 4x4, 256 -> 256 8x8, 64 -> 64 32x32); 6 MiB, 1.5-1.65x (128 -> 128 32x32,
+// 256 -> 256 16x16, 512 -> 512 8x8).
+bool input_grad_as_forward(const ConvGeometry& g, int64_t element_size) {
+  const int64_t lanes = std::min<int64_t>(g.batch, 16 * kConvTileVectors);
+  const int64_t rows_bytes = g.kernel_h * g.out_channels * g.out_w * lanes * element_size;
+  return g.stride_h == 1 && g.stride_w == 1 && g.pad_h <= g.kernel_h - 1 && g.pad_w <= g.kernel_w - 1 &&
+         rows_bytes > 4 * 1024 * 1024;
+}
+
+template <typename T>
+void input_grad_by_forward(const ConvGeometry& g, const int32_t* col_ptr, const int32_t* row_idx, const int32_t* perm,
+                           int64_t nnz, const T* values, const T* grad_out, T* grad_x) {
+  const ConvGeometry t{g.out_channels, g.in_channels, g.batch, g.out_h, g.out_w, g.in_h, g.in_w,
+                       g.kernel_h, g.kernel_w, 1, 1, g.kernel_h - 1 - g.pad_h, g.kernel_w - 1 - g.pad_w};
+  const int64_t offsets = g.kernel_h * g.kernel_w;
+  std::vector<ConvTap> row_order(static_cast<size_t>(nnz));
+  std::vector<int32_t> rows(static_cast<size_t>(g.in_channels + 1));
+  for (int64_t c = 0; c <= g.in_channels; ++c) rows[c] = col_ptr[c * offsets];
+  for (int64_t col = 0; col < g.in_channels * offsets; ++col) {
+    const int32_t i = static_cast<int32_t>(g.kernel_h - 1 - (col / g.kernel_w) % g.kernel_h);
+    const int32_t j = static_cast<int32_t>(g.kernel_w - 1 - col % g.kernel_w);
+    for (int64_t e = col_ptr[col]; e < col_ptr[col + 1]; ++e) {
+      const int64_t o = row_idx[e];
+      row_order[e] = {(o * t.in_h + i) * t.in_w + j, static_cast<int32_t>(o), i, j, perm[e]};
+    }
+  }
+  const ConvBlock block = forward_block<T>(t, nnz);
+  std::vector<int32_t> chunk_ptr;
+  const std::vector<ConvTap> taps =
+      sort_forward_taps(row_order, rows.data(), t.out_channels, t.in_channels, {t.kernel_h, t.kernel_w},
+                        block.channels, chunk_ptr);
+  const ConvForwardArgs<T> a{chunk_ptr.data(), taps.data(), values, nullptr, grad_out, grad_x, t, block};
+  const auto fn = pick_conv_forward_items<T>();
+  const int64_t items = t.out_h * ((t.out_channels + block.rows - 1) / block.rows);
+  at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
 at::Tensor csr_conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
                                      const at::Tensor& row_idx, const at::Tensor& perm, at::IntArrayRef input_size,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
@@ -310,6 +360,14 @@ at::Tensor csr_conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tenso
   check_permutation_once(perm, "perm");
   at::Tensor grad_x = at::empty({channels, g.in_h, g.in_w, n}, grad_out.options());
   if (grad_x.numel() == 0) return grad_x.permute({3, 0, 1, 2});
+  if (input_grad_as_forward(g, grad_out.element_size())) {
+    const at::Tensor gb = channels_first_batch_last(grad_out), v = values.contiguous(), pm = perm.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "csr_conv2d_input_grad", [&] {
+      input_grad_by_forward<scalar_t>(g, cp.data_ptr<int32_t>(), ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), nnz,
+                                      v.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>());
+    });
+    return grad_x.permute({3, 0, 1, 2});
+  }
   const at::Tensor gb = channels_first_batch_last(grad_out), v = values.contiguous(), pm = perm.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "csr_conv2d_input_grad", [&] {
     const ConvInputGradArgs<scalar_t> a{cp.data_ptr<int32_t>(), ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(),
