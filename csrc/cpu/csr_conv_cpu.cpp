@@ -275,6 +275,14 @@ std::vector<ConvTap> decode_forward_taps(const at::Tensor& row_ptr, const at::Te
                            channels_per_chunk, chunk_ptr);
 }
 
+// The forward's items (output rows x blocks of rows) over the threads.
+template <typename T>
+void run_forward_items(const ConvForwardArgs<T>& a) {
+  const auto fn = pick_conv_forward_items<T>();
+  const int64_t items = a.g.out_h * ((a.g.out_channels + a.block.rows - 1) / a.block.rows);
+  at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
 at::Tensor csr_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& values,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& row_ptr,
                                   const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -292,12 +300,9 @@ at::Tensor csr_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor xb = channels_first_batch_last(x), v = values.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_conv2d_forward", [&] {
-    const ConvForwardArgs<scalar_t> a{chunk_ptr.data(), taps.data(), v.data_ptr<scalar_t>(),
-                                      data_or_null<scalar_t>(b), xb.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g,
-                                      block};
-    const auto fn = pick_conv_forward_items<scalar_t>();
-    const int64_t items = g.out_h * ((out_channels + block.rows - 1) / block.rows);
-    at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+    run_forward_items(ConvForwardArgs<scalar_t>{chunk_ptr.data(), taps.data(), v.data_ptr<scalar_t>(),
+                                                data_or_null<scalar_t>(b), xb.data_ptr<scalar_t>(),
+                                                y.data_ptr<scalar_t>(), g, block});
   });
   return y.permute({3, 0, 1, 2});
 }
@@ -339,10 +344,7 @@ void input_grad_by_forward(const ConvGeometry& g, const int32_t* col_ptr, const 
   const std::vector<ConvTap> taps =
       sort_forward_taps(row_order, rows.data(), t.out_channels, t.in_channels, {t.kernel_h, t.kernel_w},
                         block.channels, chunk_ptr);
-  const ConvForwardArgs<T> a{chunk_ptr.data(), taps.data(), values, nullptr, grad_out, grad_x, t, block};
-  const auto fn = pick_conv_forward_items<T>();
-  const int64_t items = t.out_h * ((t.out_channels + block.rows - 1) / block.rows);
-  at::parallel_for(0, items, item_grain(items), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  run_forward_items(ConvForwardArgs<T>{chunk_ptr.data(), taps.data(), values, nullptr, grad_out, grad_x, t, block});
 }
 
 at::Tensor csr_conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
@@ -360,15 +362,14 @@ at::Tensor csr_conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tenso
   check_permutation_once(perm, "perm");
   at::Tensor grad_x = at::empty({channels, g.in_h, g.in_w, n}, grad_out.options());
   if (grad_x.numel() == 0) return grad_x.permute({3, 0, 1, 2});
+  const at::Tensor gb = channels_first_batch_last(grad_out), v = values.contiguous(), pm = perm.contiguous();
   if (input_grad_as_forward(g, grad_out.element_size())) {
-    const at::Tensor gb = channels_first_batch_last(grad_out), v = values.contiguous(), pm = perm.contiguous();
     AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "csr_conv2d_input_grad", [&] {
       input_grad_by_forward<scalar_t>(g, cp.data_ptr<int32_t>(), ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(), nnz,
                                       v.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>());
     });
     return grad_x.permute({3, 0, 1, 2});
   }
-  const at::Tensor gb = channels_first_batch_last(grad_out), v = values.contiguous(), pm = perm.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "csr_conv2d_input_grad", [&] {
     const ConvInputGradArgs<scalar_t> a{cp.data_ptr<int32_t>(), ri.data_ptr<int32_t>(), pm.data_ptr<int32_t>(),
                                         v.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
