@@ -64,7 +64,10 @@ dense (``torch.optim.SGD``) against ``sparsify(model, density=0.05, layout="csr"
 ``--period`` steps (default 390: once per CIFAR-10 epoch at batch 128). One step is
 zero_grad, forward, cross-entropy, backward, ``optimizer.step()``, ``engine.step()``; the
 sparse rows run whole update periods, so the mean step includes the update at its real
-frequency (as ``bench_training.py`` does). Memory: parameters, gradients, optimizer state
+frequency (as ``bench_training.py`` does); the first timed period follows the first update.
+Beside each speed-up, the ratio of useful forward FLOPs (2 x active weights x output
+positions, summed over the weight layers): momentum redistribution moves weights into the
+early, high-resolution layers, where each costs more, so that ratio falls with each update. Memory: parameters, gradients, optimizer state
 and buffers (``bench_training.training_memory``), and the step's peak estimated as that plus
 the activations autograd saves for backward (distinct storages that are not parameters,
 buffers or optimizer state: a step's high-water mark is about there, at the start of the
@@ -82,6 +85,7 @@ Inputs are random CIFAR-shaped batches unless ``--cifar-root`` is given. Writes
 """
 
 import argparse
+import functools
 import itertools
 import importlib.metadata
 import math
@@ -667,6 +671,7 @@ def training_mode(args, env):
     from bench_training import timed_steps, training_memory
 
     from sparsemom_ext.train.models import build_model
+    from sparsemom_ext.train.speedup import weight_density, weight_layers
 
     torch.set_flush_denormal(True)  # as bench_training and the training command do
     env["flush_denormal"] = True
@@ -706,6 +711,25 @@ def training_mode(args, env):
             for m in self.model.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)) or type(m).__name__.startswith(("Csr", "Sparse")):
                     self.layers[type(m).__name__] = self.layers.get(type(m).__name__, 0) + 1
+            # Output positions (batch x height x width) per weight layer, read by the first forward.
+            self.positions = {}
+
+            def record_positions(m, inputs, out, layer_name):
+                rows = (m.weight_shape if hasattr(m, "nnz") else m.weight.shape)[0]
+                self.positions.setdefault(layer_name, out.numel() // rows)
+
+            for layer_name, m in weight_layers(self.model):
+                m.register_forward_hook(functools.partial(record_positions, layer_name=layer_name))
+
+        def forward_gflop(self):
+            """Useful forward GFLOP of a step at the current densities (2 x active weights x output
+            positions per layer): redistribution moves weights between layers whose weights cost
+            different numbers of FLOPs, so it changes with each topology update."""
+            total = 0
+            for layer_name, m in weight_layers(self.model):
+                numel = math.prod(m.weight_shape if hasattr(m, "nnz") else m.weight.shape)
+                total += 2 * numel * weight_density(m) * self.positions[layer_name]
+            return total / 1e9
 
         def step(self):
             xb, yb = data[self.cursor % len(data)]
@@ -749,21 +773,24 @@ def training_mode(args, env):
     step_times = {name: [] for name in runs}
     amortised = {name: [] for name in runs}
     update_steps = {name: [] for name in runs}
+    gflop = {name: [] for name in runs}  # per repeat, at its start
     for repeat in range(args.repeats):
         for name, run in runs.items():
             if run.engine is None:
+                gflop[name].append(run.forward_gflop())
                 times = timed_steps(run, args.dense_steps, sync)
             else:  # a whole period, from just after an update to the next one, inclusive
                 while run.engine.steps % args.period:
                     run.step()
                 updates = run.engine.updates
+                gflop[name].append(run.forward_gflop())
                 times = timed_steps(run, args.period, sync)
                 assert run.engine.updates == updates + 1, "a period must contain exactly one update"
                 update_steps[name].append(times[-1])
             step_times[name] += times
             amortised[name].append(sum(times) / len(times))
             print(f"# repeat {repeat + 1}/{args.repeats} {name}: median step {statistics.median(times):.1f} ms, "
-                  f"mean {amortised[name][-1]:.1f} ms", flush=True)
+                  f"mean {amortised[name][-1]:.1f} ms, forward {gflop[name][-1]:.2f} GFLOP", flush=True)
 
     for name, run in runs.items():
         model_name = name.rsplit("/", 1)[1]
@@ -776,6 +803,8 @@ def training_mode(args, env):
             "median_step_ms": statistics.median(step_times[name]), "amortised_ms": per_step,
             "amortised_per_repeat_ms": amortised[name], "update_step_ms": update_steps[name],
             "speedup_vs_dense": statistics.median(amortised[dense]) / per_step,
+            "forward_gflop_per_repeat": gflop[name],
+            "flop_ratio_vs_dense": gflop[dense][0] / statistics.median(gflop[name]),
             "memory_bytes": memory[name], "memory_vs_dense": memory[name] / memory[dense],
             **peak[name], "peak_estimate_bytes": memory[name] + peak[name]["saved_for_backward_bytes"],
         })
@@ -784,12 +813,13 @@ def training_mode(args, env):
         r["peak_vs_dense"] = r["peak_estimate_bytes"] / next(
             d["peak_estimate_bytes"] for d in ok if d["impl"] == f"dense/{r['model']}")
     print("| model | median step | mean step (incl. updates) | update step | speed-up vs dense "
-          "| training memory | vs dense | step peak (est.) | vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| dense / sparse FLOPs | training memory | vs dense | step peak (est.) | vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in ok:
         update = f"{statistics.median(r['update_step_ms']):.0f} ms" if r["update_step_ms"] else ""
         print(f"| {r['impl']} | {r['median_step_ms']:.1f} ms | {r['amortised_ms']:.1f} ms | {update} "
-              f"| {r['speedup_vs_dense']:.2f}x | {r['memory_bytes'] / 2**20:.1f} MiB | {r['memory_vs_dense']:.3f} "
+              f"| {r['speedup_vs_dense']:.2f}x | {r['flop_ratio_vs_dense']:.2f}x "
+              f"| {r['memory_bytes'] / 2**20:.1f} MiB | {r['memory_vs_dense']:.3f} "
               f"| {r['peak_estimate_bytes'] / 2**20:.0f} MiB | {r['peak_vs_dense']:.3f} |")
     for r in records:
         if r["status"] != "ok":
@@ -810,6 +840,9 @@ def main():
     parser.add_argument("--check", action="store_true", help="run the check pass only")
     parser.add_argument("--json", default=None, help="default bench/results/bench_conv.json "
                                                      "(--training: bench/results/training_conv.json)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="sm.keep_freed_cpu_memory() first (the whole process: dense and sparse alike; "
+                             "what the training command does)")
     parser.add_argument("--plot", default=None, help="PNG path; '' for none (default: the --json with .png)")
     training = parser.add_argument_group("--training: whole training steps of CNNs")
     training.add_argument("--training", action="store_true")
@@ -836,6 +869,7 @@ def main():
         args.repeats, args.warmup = 3, 1
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     env = environment(args.threads)
+    env["keep_freed_cpu_memory"] = sm.keep_freed_cpu_memory() if args.keep_freed_memory else False
     if args.training:
         training_mode(args, env)
         return

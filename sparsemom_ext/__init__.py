@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from . import data, ops, optim, reference  # noqa: E402
 from ._build import build_info  # noqa: E402
+from .allocator import keep_freed_cpu_memory  # noqa: E402
 from .ops import (  # noqa: E402
     fused_adam_step_,
     fused_sgd_step_,
@@ -52,6 +53,7 @@ __all__ = [
     "detach_mask",
     "fused_adam_step_",
     "fused_sgd_step_",
+    "keep_freed_cpu_memory",
     "magnitude_prune",
     "mask_apply_",
     "mask_of",

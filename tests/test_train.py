@@ -9,6 +9,7 @@ timings are only checked to exist and to enter the formulas as documented.
 import json
 import math
 import pickle
+import platform
 import struct
 import subprocess
 import sys
@@ -177,6 +178,18 @@ def test_python_dash_m_entry_point_exits_2_on_a_bad_model():
     assert proc.returncode == 2
     assert "unknown model 'nope'" in proc.stderr and "usage: sparsemom-train" in proc.stderr
 
+
+@pytest.mark.parametrize("option, kept", [([], True), (["--no-keep-freed-memory"], False)])
+def test_the_command_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, option, kept):
+    # As a program: the setting is the whole process's (in-process runs would set it for pytest).
+    if kept and platform.libc_ver()[0] != "glibc":
+        pytest.skip("keep_freed_cpu_memory applies only where the C library is glibc")
+    path = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, "-m", "sparsemom_ext.train", *TINY, "--epochs", "1", *option,
+                           "--json", str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(path.read_text())["environment"]["freed_cpu_memory_kept"] is kept
+    assert ("freed memory kept" in proc.stdout) is kept
 
 def idx_bytes(arr):
     arr = np.asarray(arr, dtype=np.uint8)

@@ -20,7 +20,7 @@ def _ms(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{1000 * seconds:.3f}"
 
 
-def header(args, data, steps_per_epoch: int, threads: int) -> str:
+def header(args, data, steps_per_epoch: int, threads: int, freed_memory_kept: bool) -> str:
     """Two or three lines saying what is trained, on what, how."""
     shape = "x".join(map(str, data.in_shape))
     lines = [f"{args.model} on {args.dataset}: {len(data.train_y)} train / {len(data.val_y)} validation / "
@@ -41,7 +41,8 @@ def header(args, data, steps_per_epoch: int, threads: int) -> str:
     sched = (f"lr x{args.lr_decay} every {args.lr_decay_every} steps" if args.lr_schedule == "step"
              else "lr cosine to 0")
     lines.append(f"{opt}, {sched}; batch {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} epochs; "
-                 f"device {args.device}, {threads} threads{', denormals flushed' if args.flush_denormal else ''}, "
+                 f"device {args.device}, {threads} threads{', denormals flushed' if args.flush_denormal else ''}"
+                 f"{', freed memory kept' if freed_memory_kept else ''}, "
                  f"seed {args.seed}")
     return "\n".join(lines)
 
