@@ -3,10 +3,10 @@
 torch's CPU tensors come from ``posix_memalign``. glibc serves blocks of 32 MiB or more (a
 VGG-16 or WRN activation at batch 128 on CIFAR) with a fresh ``mmap`` and unmaps them when
 freed, and returns freed memory at the top of the heap to the system, so every training
-step zero-fills and faults in its largest tensors again, page by page. With the
-always-sparse convs that is a fifth of the step: a csr VGG-16 step at 95% sparsity took
-414 ms with glibc's defaults and 324 ms after :func:`keep_freed_cpu_memory` (the dense
-step 1433 and 1424 ms; one process, 2 threads).
+step zero-fills and faults in its largest tensors again, page by page. A csr VGG-16 step
+at 95% sparsity (batch 128, 2 threads) faulted in 50-75 thousand pages, 90-160 ms of
+system time, and took 407 ms (median of three processes); after
+:func:`keep_freed_cpu_memory` it faulted in none and took 352 ms.
 
 The heap settles after a few steps: glibc never serves an aligned request from the freed
 block of the same size (it needs room to align), so the first steps take fresh memory

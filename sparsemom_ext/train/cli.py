@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, make glibc's malloc keep freed memory (sm.keep_freed_cpu_memory), so a step's "
                         "large activations are not mapped and faulted in afresh every step (a csr VGG-16 step "
-                        "took 414 ms without it, 324 ms with it); for the whole process, which then keeps its "
+                        "took 407 ms without it, 352 ms with it); for the whole process, which then keeps its "
                         "peak heap until it exits")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar per epoch on stderr (default: when stderr is a terminal)")
