@@ -67,9 +67,10 @@ sparse rows run whole update periods, so the mean step includes the update at it
 frequency (as ``bench_training.py`` does); the first timed period follows the first update.
 Beside each speed-up, the ratio of useful forward FLOPs (2 x active weights x output
 positions, summed over the weight layers): momentum redistribution moves weights into the
-early, high-resolution layers, where each costs more, so that ratio falls with each update. Memory: parameters, gradients, optimizer state
-and buffers (``bench_training.training_memory``), and the step's peak estimated as that plus
-the activations autograd saves for backward (distinct storages that are not parameters,
+early, high-resolution layers, where each costs more, so that ratio falls with each update.
+Memory: parameters, gradients, optimizer state and buffers
+(``bench_training.training_memory``), and the step's peak estimated as that plus the
+activations autograd saves for backward (distinct storages that are not parameters,
 buffers or optimizer state: a step's high-water mark is about there, at the start of the
 backward; the CPU has no allocator statistics in torch; on CUDA ``max_memory_allocated``
 too). ``--layout mask`` runs the mask layout (SparseConv2d) instead of csr. A default run
@@ -691,6 +692,9 @@ def training_mode(args, env):
     data = [(x[i:i + args.batch].to(device), y[i:i + args.batch].to(device)) for i in range(0, len(x), args.batch)]
     reason = csr_unavailable_reason() if args.layout == "csr" else None
 
+    def weight_shape(layer):  # the dense shape, for the csr layers too
+        return layer.weight_shape if hasattr(layer, "nnz") else layer.weight.shape
+
     class Run:
         def __init__(self, name, model_name, growth, activations="contiguous"):
             torch.manual_seed(0)
@@ -715,8 +719,7 @@ def training_mode(args, env):
             self.positions = {}
 
             def record_positions(m, inputs, out, layer_name):
-                rows = (m.weight_shape if hasattr(m, "nnz") else m.weight.shape)[0]
-                self.positions.setdefault(layer_name, out.numel() // rows)
+                self.positions.setdefault(layer_name, out.numel() // weight_shape(m)[0])
 
             for layer_name, m in weight_layers(self.model):
                 m.register_forward_hook(functools.partial(record_positions, layer_name=layer_name))
@@ -727,8 +730,7 @@ def training_mode(args, env):
             different numbers of FLOPs, so it changes with each topology update."""
             total = 0
             for layer_name, m in weight_layers(self.model):
-                numel = math.prod(m.weight_shape if hasattr(m, "nnz") else m.weight.shape)
-                total += 2 * numel * weight_density(m) * self.positions[layer_name]
+                total += 2 * math.prod(weight_shape(m)) * weight_density(m) * self.positions[layer_name]
             return total / 1e9
 
         def step(self):
