@@ -715,14 +715,16 @@ def training_mode(args, env):
             for m in self.model.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)) or type(m).__name__.startswith(("Csr", "Sparse")):
                     self.layers[type(m).__name__] = self.layers.get(type(m).__name__, 0) + 1
-            # Output positions (batch x height x width) per weight layer, read by the first forward.
-            self.positions = {}
+            # Output positions (batch x height x width) per weight layer, read by the first forward;
+            # each hook then removes itself, so the timed steps carry none.
+            self.positions, hooks = {}, {}
 
             def record_positions(m, inputs, out, layer_name):
-                self.positions.setdefault(layer_name, out.numel() // weight_shape(m)[0])
+                self.positions[layer_name] = out.numel() // weight_shape(m)[0]
+                hooks.pop(layer_name).remove()
 
             for layer_name, m in weight_layers(self.model):
-                m.register_forward_hook(functools.partial(record_positions, layer_name=layer_name))
+                hooks[layer_name] = m.register_forward_hook(functools.partial(record_positions, layer_name=layer_name))
 
         def forward_gflop(self):
             """Useful forward GFLOP of a step at the current densities (2 x active weights x output

@@ -181,7 +181,7 @@ def test_python_dash_m_entry_point_exits_2_on_a_bad_model():
 
 @pytest.mark.parametrize("option, kept", [([], True), (["--no-keep-freed-memory"], False)])
 def test_the_command_keeps_freed_memory_on_the_cpu_unless_told_not_to(tmp_path, option, kept):
-    # As a program: the setting is the whole process's (in-process runs would set it for pytest).
+    # As users run it, a program of its own: the setting is the whole process's.
     if kept and platform.libc_ver()[0] != "glibc":
         pytest.skip("keep_freed_cpu_memory applies only where the C library is glibc")
     path = tmp_path / "run.json"
