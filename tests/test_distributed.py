@@ -17,12 +17,21 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 GROWTHS = ("momentum", "random", "gradient", "gse")
 
 
+# A gloo worker process now and then aborts with this (a C++ thread of torch's left joinable;
+# the extension starts none): 2 of 3 clean-clone CI runs lost one DDP test to it, reruns pass.
+# One relaunch on exactly that abort; anything else, or the abort twice, fails the test.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def run_ddp(tmp_path, configs, *extra):
     out = tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(SCRIPT), "--configs", ",".join(configs), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=600, env=env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPT), "--configs", ",".join(configs), "--out", str(out), *extra]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        out.unlink(missing_ok=True)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
